@@ -1,0 +1,109 @@
+"""The ``LoopedModel`` step interface every architecture implements, and its ``LoopContext``.
+
+Data flow (DESIGN.md)::
+
+    ctx = model.prepare(tokens)          # embeddings, prelude output, masks
+    z   = model.init_state(ctx)          # (B, T, D)
+    for k in range(loops):               # k starts at 0
+        z = model.step(z, ctx, k)        # one application of the shared block
+    logits = model.readout(z, ctx)       # (B, T, V)
+
+Controllers (``halting``) drive the loop; they may run ``step`` on a subset of batch rows by
+passing ``ctx.select(rows)`` and the matching rows of ``z`` (sample-granularity compaction), or
+pass ``active`` — a (B, T) bool mask — for token granularity: only active positions are computed;
+inactive positions keep their input state exactly and stay visible to the others as context
+through the per-layer keys/values cached the last time they were computed (the *frozen* policy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.config import ModelConfig
+
+
+@dataclass
+class LoopContext:
+    """Everything a loop step reads besides the state.
+
+    Attributes:
+        tokens: (B, T) int64 token ids.
+        inject: (B, T, D) what each loop reads from the input (token embeddings or prelude output).
+        cache: batch-first tensors filled during the loop (e.g. PLT's loop-1 keys/values, the
+            frozen-token KV cache). ``select`` slices every entry along dim 0.
+        attention: when not ``None``, each attention call appends
+            ``{"loop": k, "layer": i, "kind": "full"|"global"|"local", "probs": (B, H, T, T)}``.
+        extras: any other per-batch tensors (batch-first) an architecture needs.
+    """
+
+    tokens: Tensor
+    inject: Tensor
+    cache: dict[str, Any] = field(default_factory=dict)
+    attention: list[dict[str, Any]] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    def select(self, rows: Tensor) -> LoopContext:
+        """A context for the batch rows ``rows`` (LongTensor of indices); caches are sliced.
+
+        The returned context shares no writable cache with ``self``: steps that write the cache
+        (PLT loop 1) must run on the full batch, which ``run_loop`` guarantees (every row runs
+        loop 0).
+        """
+        return replace(
+            self,
+            tokens=self.tokens[rows],
+            inject=self.inject[rows],
+            cache=_index_tree(self.cache, rows),
+            extras=_index_tree(self.extras, rows),
+        )
+
+
+def _index_tree(tree: Any, rows: Tensor) -> Any:
+    if isinstance(tree, Tensor):
+        return tree[rows]
+    if isinstance(tree, dict):
+        return {key: _index_tree(value, rows) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_index_tree(value, rows) for value in tree)
+    return tree
+
+
+class LoopedModel(nn.Module):
+    """Base class: one shared block applied ``loops`` times between an input map and a readout."""
+
+    config: ModelConfig
+
+    def prepare(self, tokens: Tensor, *, capture_attention: bool = False) -> LoopContext:
+        raise NotImplementedError
+
+    def init_state(self, ctx: LoopContext) -> Tensor:
+        raise NotImplementedError
+
+    def step(self, z: Tensor, ctx: LoopContext, k: int, active: Tensor | None = None) -> Tensor:
+        """One application of the looped block. ``k`` is the 0-based loop index."""
+        raise NotImplementedError
+
+    def readout(self, z: Tensor, ctx: LoopContext) -> Tensor:
+        raise NotImplementedError
+
+    def halt_logit(self, z: Tensor, ctx: LoopContext) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, tokens: Tensor, loops: int) -> Tensor:
+        raise NotImplementedError
+
+    def flops_per_token_step(self, seq_len: int) -> float:
+        """Approximate multiply-add FLOPs (x2) of one ``step`` per token at this sequence length."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
