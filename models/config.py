@@ -14,6 +14,7 @@ ARCHS = ("parallel_loop", "serial_loop", "recurrent_depth", "deq")
 GATE_MODES = ("hidden", "query", "fixed")
 INJECTIONS = ("none", "add", "concat")
 DEQ_NORMS = ("none", "weight", "spectral")
+MLPS = ("swiglu", "gelu")
 
 
 @dataclass
@@ -28,6 +29,7 @@ class ModelConfig:
         n_heads: attention heads; ``d_model`` must be divisible by it.
         n_layers: transformer blocks inside the looped (shared) block.
         mlp_ratio: MLP hidden width = ``mlp_ratio * d_model``.
+        mlp: ``swiglu`` (Shazeer 2020) or ``gelu`` feed-forward.
         dropout: dropout probability inside blocks (0 disables).
         rope_base: rotary embedding base.
         tie_embeddings: share the token embedding with the LM head.
@@ -41,11 +43,14 @@ class ModelConfig:
         shared_kv: parallel_loop only — loops r>=2 read loop 1's full-length KV (global branch).
         gate_mode: parallel_loop only — ``hidden`` (sigmoid of a linear map of RMSNorm(x)),
             ``query`` (of the post-RoPE query) or ``fixed`` (0.5).
-        window: parallel_loop only — sliding-window size of the local attention in loops r>=2.
+        window: parallel_loop only — sliding-window size of the local attention in loops r>=2:
+            position t sees its own loop's keys at t-window+1 .. t (must be <= max_seq_len).
         loop_embedding: serial_loop only — add a learned loop-index embedding each loop.
         max_loop_embeddings: serial_loop only — size of that embedding table (indices are clamped).
-        injection: serial_loop: ``none``/``add`` (Y_t = M(Y_{t-1} + P)); recurrent_depth/deq use
-            ``concat`` (Huginn adapter) or ``add``.
+        injection: serial_loop: ``none`` (state starts at the embeddings), ``add``
+            (Y_t = M(Y_{t-1} + P)) or ``concat``; recurrent_depth/deq need ``concat`` (Huginn
+            adapter Linear(2d -> d) on [s; e]) or ``add``. parallel_loop ignores it (CLP is its
+            injection).
         prelude_layers, coda_layers: recurrent_depth only — blocks before / after the loop.
         init_scale: recurrent_depth only — std of the truncated-normal random initial state.
         residual_scale: deq only — scale on each residual branch (smaller = more contractive).
@@ -60,6 +65,7 @@ class ModelConfig:
     n_heads: int = 4
     n_layers: int = 2
     mlp_ratio: int = 4
+    mlp: str = "swiglu"
     dropout: float = 0.0
     rope_base: float = 10000.0
     tie_embeddings: bool = True
@@ -90,7 +96,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        """Build from a mapping, rejecting unknown keys with a ``KeyError`` naming the known ones."""
+        """Build from a mapping; unknown keys raise a ``KeyError`` naming the known ones."""
         known = set(cls.field_names())
         unknown = sorted(set(values) - known)
         if unknown:
@@ -126,7 +132,9 @@ class ModelConfig:
                 f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}"
             )
         if (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"head size d_model/n_heads={self.d_model // self.n_heads} must be even (rotary)")
+            raise ValueError(
+                f"head size d_model/n_heads={self.d_model // self.n_heads} must be even (rotary)"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.halt_token_id is not None and not 0 <= self.halt_token_id < self.vocab_size:
@@ -139,6 +147,21 @@ class ModelConfig:
             raise ValueError(f"gate_mode must be one of {GATE_MODES}, got {self.gate_mode!r}")
         if self.injection not in INJECTIONS:
             raise ValueError(f"injection must be one of {INJECTIONS}, got {self.injection!r}")
+        if self.arch in ("recurrent_depth", "deq") and self.injection == "none":
+            raise ValueError(
+                f"injection='none' is not allowed for arch={self.arch!r} (its loop must read the"
+                " input); use 'concat' or 'add'"
+            )
+        if self.arch == "parallel_loop" and self.window > self.max_seq_len:
+            raise ValueError(
+                f"window={self.window} must be <= max_seq_len={self.max_seq_len}"
+            )
+        if self.mlp not in MLPS:
+            raise ValueError(f"mlp must be one of {MLPS}, got {self.mlp!r}")
+        for name in ("clp_a", "clp_b"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a real number, got {value!r}")
         if self.deq_norm not in DEQ_NORMS:
             raise ValueError(f"deq_norm must be one of {DEQ_NORMS}, got {self.deq_norm!r}")
         if self.init_scale < 0:

@@ -1,0 +1,148 @@
+"""Parallel Loop Transformer (PLT, arXiv 2510.24824; LoopCoder-v2, arXiv 2606.18023).
+
+REFERENCE.md §1. The state z^(k) is the residual stream after the last block of loop k (before
+the final norm, which ``readout`` applies); ``init_state`` is the token embeddings E, so loop 0
+reads E.
+
+- Loop 0 (the paper's loop 1): ordinary causal attention over the block stack; when ``shared_kv``
+  it writes every layer's keys/values K1, V1 into ``ctx.cache`` (``plt_k.<i>``/``plt_v.<i>``, full
+  batch). Later loops only read them.
+- Cross-loop parallelism (``clp``): loop k >= 1 reads ``a*E_t + b*RMSNorm(z^(k-1))_{t-1}`` (zeros
+  for the shifted part at t = 0); with ``clp=False`` it reads z^(k-1) itself (serial refinement).
+- Gated sliding-window attention (``shared_kv``), per layer and head, loops k >= 1:
+  ``o_glob = attn(q_t, K1_{<=t}, V1_{<=t})``, ``o_loc = attn(q_t, K^(k)_{t-w+1..t}, V^(k)_{...})``,
+  ``g = sigmoid(W_g RMSNorm(x) + b)`` (``hidden``; RMSNorm(x) is the block's pre-attention norm),
+  ``sigmoid(<w_h, q_t> + b_h)`` on the post-RoPE query (``query``) or 0.5 (``fixed``);
+  ``o = o_proj(g*o_glob + (1-g)*o_loc)``. With ``shared_kv=False`` later loops use plain causal
+  attention over their own keys/values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.base import LoopContext
+from models.config import ModelConfig
+from models.layers import Mixer, RMSNorm, TokenPack
+from models.looped import ARCH_REGISTRY, TransformerLoop
+
+
+class HeadGate(nn.Module):
+    """Per-head mixing gate g in (0, 1) between the global and local branches."""
+
+    def __init__(self, mode: str, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.mode = mode
+        head_size = d_model // n_heads
+        if mode == "hidden":
+            self.proj = nn.Linear(d_model, n_heads)
+        elif mode == "query":
+            self.weight = nn.Parameter(torch.zeros(n_heads, head_size))
+            self.bias = nn.Parameter(torch.zeros(n_heads))
+
+    def forward(self, q: Tensor, h: Tensor) -> Tensor | float:
+        """q (B, H, T, hs), h = RMSNorm(x) (B, T, D) -> g broadcastable to (B, H, T, hs)."""
+        if self.mode == "hidden":
+            return torch.sigmoid(self.proj(h)).transpose(1, 2).unsqueeze(-1)  # (B, H, T, 1)
+        if self.mode == "query":
+            logit = torch.einsum("bhtd,hd->bht", q, self.weight.to(q.dtype))
+            return torch.sigmoid(logit + self.bias[:, None].to(q.dtype)).unsqueeze(-1)
+        return 0.5
+
+
+@ARCH_REGISTRY.register("parallel_loop")
+class ParallelLoop(TransformerLoop):
+    """PLT: loop-1 KV shared with later loops, CLP input shift, gated sliding-window attention."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        cfg = config
+        self.clp_norm = RMSNorm(cfg.d_model) if cfg.clp else None
+        gated = cfg.shared_kv and cfg.gate_mode != "fixed"
+        self.gates = (
+            nn.ModuleList(HeadGate(cfg.gate_mode, cfg.d_model, cfg.n_heads)
+                          for _ in range(cfg.n_layers))
+            if gated else None
+        )
+        band = self.causal_mask & ~self.causal_mask.tril(-cfg.window)  # t-w < j <= t
+        self.register_buffer("window_mask", band, persistent=False)
+        self.init_weights()
+
+    def init_state(self, ctx: LoopContext) -> Tensor:
+        return ctx.inject
+
+    def _loop_input(
+        self, z: Tensor, inject: Tensor, ctx: LoopContext, k: int, pack: TokenPack | None
+    ) -> Tensor:
+        cfg = self.config
+        if k == 0 or not cfg.clp:
+            return z if pack is None else pack.gather(z)
+        if pack is None:
+            shifted = F.pad(self.clp_norm(z[:, :-1]), (0, 0, 1, 0))  # (B, T, D), row 0 = zeros
+        else:
+            prev = TokenPack((pack.pos - 1).clamp(min=0), pack.valid).gather(z)  # (B, Ta, D)
+            shifted = self.clp_norm(prev) * (pack.pos > 0).unsqueeze(-1).to(prev.dtype)
+        return cfg.clp_a * inject + cfg.clp_b * shifted
+
+    def _loop_output(self, x: Tensor, y: Tensor, inject: Tensor, k: int) -> Tensor:
+        return y
+
+    def step(self, z: Tensor, ctx: LoopContext, k: int, active: Tensor | None = None) -> Tensor:
+        if k == 0 and active is not None and not bool(active.all()):
+            raise ValueError(
+                "parallel_loop loop k=0 writes the loop-1 K/V cache and must run on every token "
+                "(active=None or all True)"
+            )
+        if isinstance(k, int) and k >= 1 and self.config.shared_kv and "plt_k.0" not in ctx.cache:
+            raise ValueError(
+                f"parallel_loop step k={k} reads loop 0's K/V from ctx.cache; run step(z, ctx, 0) "
+                "on the full batch first"
+            )
+        return super().step(z, ctx, k, active)
+
+    def _mixer(self, ctx: LoopContext, k: int, layer: int, pack: TokenPack | None) -> Mixer:
+        if k >= 1 and self.config.shared_kv:
+            return self._gated_mixer(ctx, k, layer, pack)
+        base = super()._mixer(ctx, k, layer, pack)
+        if k > 0 or not self.config.shared_kv:
+            return base
+
+        def first_loop(q: Tensor, keys: Tensor, values: Tensor, h: Tensor) -> Tensor:
+            ctx.cache[f"plt_k.{layer}"], ctx.cache[f"plt_v.{layer}"] = keys, values
+            return base(q, keys, values, h)
+
+        return first_loop
+
+    def _gated_mixer(self, ctx: LoopContext, k: int, layer: int, pack: TokenPack | None) -> Mixer:
+        gate = self.gates[layer] if self.gates is not None else None
+        seq = ctx.tokens.shape[1]
+
+        def gated(q: Tensor, keys: Tensor, values: Tensor, h: Tensor) -> Tensor:
+            k1, v1 = ctx.cache[f"plt_k.{layer}"], ctx.cache[f"plt_v.{layer}"]
+            o_glob = self._attend(ctx, k, layer, "global", q, k1, v1, pack)
+            keys, values = self._own_kv(ctx, layer, pack, keys, values)
+            o_loc = self._attend(ctx, k, layer, "local", q, keys, values, pack,
+                                 window_mask=self.window_mask[:seq, :seq],
+                                 window=self.config.window)
+            g = gate(q, h) if gate is not None else 0.5
+            return g * o_glob + (1 - g) * o_loc
+
+        return gated
+
+    def _keys_per_query(self, seq_len: int, k: int) -> float:
+        causal = (seq_len + 1) / 2
+        if k == 0 or not self.config.shared_kv:
+            return causal
+        w = min(self.config.window, seq_len)
+        # local branch: min(t+1, w) keys at position t, averaged over t = 0..T-1
+        local = (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+        return causal + local
+
+    def _extra_macs(self, k: int) -> float:
+        if k == 0 or self.gates is None:
+            return 0.0
+        per_layer = self.config.d_model * self.config.n_heads if self.config.gate_mode == "hidden" \
+            else self.config.d_model
+        return per_layer * self.config.n_layers

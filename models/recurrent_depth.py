@@ -1,0 +1,68 @@
+"""Recurrent depth (Huginn, arXiv 2502.05171; seal-rg/recurrent-pretraining).
+
+REFERENCE.md §1: ``e = Prelude(E)``; ``s_0 ~ TruncNormal(0, init_scale^2)`` cut at +-3 std (zeros
+when ``init_scale == 0``); each loop ``s = Core(Adapter([s; e]))`` with Adapter = Linear(2d -> d)
+(``injection="concat"``) or ``s + e`` (``"add"``); ``readout`` = LM head of the final norm of
+``Coda(s)``. The core is the shared pre-norm block stack followed by an RMSNorm, which keeps the
+state's scale fixed over long unrolls (Huginn's sandwich core ends in a norm for the same reason).
+The prelude and coda attend causally over the full sequence; their captured attention is
+recorded with ``loop = -1`` and ``kind`` ``prelude`` / ``coda``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from models.base import LoopContext
+from models.config import ModelConfig
+from models.layers import RMSNorm, TokenPack
+from models.looped import ARCH_REGISTRY, TransformerLoop
+
+
+@ARCH_REGISTRY.register("recurrent_depth")
+class RecurrentDepth(TransformerLoop):
+    """Prelude -> random initial state -> core with input injection, looped -> coda."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        dim = config.d_model
+        self.prelude = nn.ModuleList(self.new_block() for _ in range(config.prelude_layers))
+        self.coda = nn.ModuleList(self.new_block() for _ in range(config.coda_layers))
+        self.adapter = nn.Linear(2 * dim, dim, bias=False) if config.injection == "concat" else None
+        self.core_norm = RMSNorm(dim)
+        self.init_weights()
+
+    def _prepare_inject(self, ctx: LoopContext) -> Tensor:
+        return self._run_plain(self.prelude, ctx.inject, ctx, "prelude")
+
+    def init_state(self, ctx: LoopContext, generator: torch.Generator | None = None) -> Tensor:
+        """s_0 (B, T, D) ~ N(0, init_scale^2) truncated to +-3 std.
+
+        Args:
+            ctx: the prepared context (gives shape, device and dtype).
+            generator: optional ``torch.Generator`` on the state's device; without it torch's
+                global RNG is used, so ``torch.manual_seed`` makes the state reproducible.
+        """
+        scale = self.config.init_scale
+        state = torch.zeros_like(ctx.inject)
+        if scale == 0:
+            return state
+        return nn.init.trunc_normal_(state, 0.0, scale, -3 * scale, 3 * scale, generator=generator)
+
+    def _loop_input(
+        self, z: Tensor, inject: Tensor, ctx: LoopContext, k: int, pack: TokenPack | None
+    ) -> Tensor:
+        z = z if pack is None else pack.gather(z)
+        if self.adapter is None:
+            return z + inject
+        return self.adapter(torch.cat((z, inject.to(z.dtype)), dim=-1))  # (B, T, 2D) -> (B, T, D)
+
+    def _loop_output(self, x: Tensor, y: Tensor, inject: Tensor, k: int) -> Tensor:
+        return self.core_norm(y)
+
+    def readout(self, z: Tensor, ctx: LoopContext) -> Tensor:
+        return self.lm_head(self.final_norm(self._run_plain(self.coda, z, ctx, "coda")))
+
+    def _extra_macs(self, k: int) -> float:
+        return 2.0 * self.config.d_model**2 if self.adapter is not None else 0.0
