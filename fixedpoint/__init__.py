@@ -9,12 +9,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# ``solve`` is both a submodule and a function: bind the function eagerly, so that a later
+# ``import fixedpoint.solve`` elsewhere cannot leave the module object under the public name.
+from fixedpoint.solve import SOLVERS, Solution, register_solver, solve
+
 _PUBLIC = {
     "Registry": "fixedpoint.registry",
-    "solve": "fixedpoint.solve",
-    "Solution": "fixedpoint.solve",
-    "register_solver": "fixedpoint.solve",
-    "SOLVERS": "fixedpoint.solve",
     "spectral_radius": "fixedpoint.spectral",
     "lyapunov_exponent": "fixedpoint.spectral",
     "classify": "fixedpoint.verdicts",
@@ -22,7 +22,7 @@ _PUBLIC = {
     "LABELS": "fixedpoint.verdicts",
 }
 
-__all__ = sorted(_PUBLIC)
+__all__ = sorted([*_PUBLIC, "SOLVERS", "Solution", "register_solver", "solve"])
 
 
 def __getattr__(name: str) -> Any:
