@@ -22,7 +22,10 @@ _PUBLIC = {
     "LABELS": "fixedpoint.verdicts",
 }
 
-__all__ = sorted([*_PUBLIC, "SOLVERS", "Solution", "register_solver", "solve"])
+__all__ = [
+    "LABELS", "SOLVERS", "Registry", "Solution", "Verdicts", "classify", "lyapunov_exponent",
+    "register_solver", "solve", "spectral_radius",
+]
 
 
 def __getattr__(name: str) -> Any:
