@@ -40,7 +40,7 @@ class Registry(Generic[T]):
         return add(obj) if obj is not None else add
 
     def get(self, name: str) -> T:
-        """Return the object registered as ``name``; ``KeyError`` naming the known ones otherwise."""
+        """Return the object registered as ``name``; a ``KeyError`` lists the known names."""
         try:
             return self._items[name]
         except (KeyError, TypeError):

@@ -1,0 +1,260 @@
+"""Local stability of a map z -> f(z): Jacobian spectral radius and finite-time Lyapunov exponent.
+
+Both quantities are per sample: ``f`` maps a (B, ...) batch to the same shape with independent rows,
+so its Jacobian is block diagonal and one Jacobian-vector product serves the whole batch.
+
+Sources:
+- Spectral radius by power iteration on Jacobian-vector products (von Mises power method; Golub &
+  Van Loan, *Matrix Computations*, §7.3). The estimate is the geometric-mean growth of ``||J v||``
+  with ``v`` renormalised every step, averaged over the last half of the iterations. Unlike the
+  Rayleigh quotient ``v^T J v`` (torchdeq's ``sradius``), the growth of the norm is correct when the
+  dominant eigenvalues are a complex pair: a rotation by 2pi/5 scaled by 0.9 has every
+  ``||J v|| = 0.9`` while its Rayleigh quotient is 0.9 cos(2pi/5) = 0.28 (REFERENCE.md §3-§4).
+  When the dominant pair is complex and its eigenvectors are far from orthogonal, ``||J^n v||``
+  oscillates within a factor cond(eigenbasis) of rho^n, so the estimate errs by at most
+  ln(cond) / (iters / 2) in log rho: raise ``iters`` for such maps.
+- On a period-p cycle the meaningful quantity is the spectral radius of the p-step product
+  ``J(z_{p-1}) ... J(z_0)`` (Floquet multiplier of the cycle); ``period=p`` composes ``f`` p times
+  and returns its p-th root, so the result is comparable with the one-step radius (< 1 stable).
+- Finite-time largest Lyapunov exponent after Benettin, Galgani, Giorgilli & Strelcyn (1980,
+  Meccanica 15): propagate a tangent vector along the trajectory, renormalise every step, average
+  the log growth per step.
+- Forward-mode AD is not implemented through the fused CPU scaled-dot-product attention kernels
+  (pytorch#128971). ``method="vjp"`` runs the same iterations on ``J^T`` with reverse mode, which
+  works through any differentiable op; the spectral radius of ``J^T`` equals that of ``J``, and the
+  growth of a covector propagated backwards along a trajectory has the same exponent (the singular
+  values of a product and of its transpose agree). ``method="jvp"`` falls back to it automatically.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+Map = Callable[..., Tensor]
+METHODS = ("jvp", "vjp")
+
+
+def whole_batch(f: Map) -> Callable[[Tensor], Tensor]:
+    """Wrap ``f`` so it is called on the whole batch: ``f(z, rows=None)`` if it takes ``rows``."""
+    if not callable(f):
+        raise TypeError(f"f must be callable, got {type(f).__name__}")
+    try:
+        takes_rows = "rows" in inspect.signature(f).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        takes_rows = False
+    if takes_rows:
+        return lambda z: f(z, rows=None)
+    return f
+
+
+def _sample_norm(x: Tensor) -> Tensor:
+    """Per-sample Euclidean norm in float32 or better: (B, ...) -> (B,)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1).to(dtype), dim=1)
+
+
+def _unit(x: Tensor, norm: Tensor, fallback: Tensor) -> Tensor:
+    """``x / norm`` per sample; rows with zero or non-finite norm keep ``fallback``."""
+    good = (norm > 0) & torch.isfinite(norm)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    scaled = x / norm.clamp_min(torch.finfo(norm.dtype).tiny).to(x.dtype).view(shape)
+    return torch.where(good.view(shape), scaled, fallback)
+
+
+def _random_unit(z: Tensor, generator: torch.Generator | None) -> Tensor:
+    """A random direction per sample, shaped and typed like ``z`` (seeded, device-agnostic)."""
+    if generator is None:
+        generator = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(z.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    v = v.to(device=z.device, dtype=z.dtype)
+    return _unit(v, _sample_norm(v), v)
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def _compose(f: Callable[[Tensor], Tensor], period: int) -> Callable[[Tensor], Tensor]:
+    if period == 1:
+        return f
+
+    def composed(z: Tensor) -> Tensor:
+        for _ in range(period):
+            z = f(z)
+        return z
+
+    return composed
+
+
+def _geometric_growth(log_growth: list[Tensor]) -> Tensor:
+    """exp of the mean log growth over the last half of the iterations: list of (B,) -> (B,)."""
+    tail = torch.stack(log_growth[len(log_growth) // 2 :])  # (iters/2, B)
+    return tail.mean(0).exp()
+
+
+def _power_jvp(g: Callable[[Tensor], Tensor], z: Tensor, v: Tensor, iters: int) -> Tensor:
+    log_growth = []
+    for _ in range(iters):
+        _, jv = torch.func.jvp(g, (z,), (v,))
+        norm = _sample_norm(jv)
+        log_growth.append(norm.log())
+        v = _unit(jv, norm, v)
+    return _geometric_growth(log_growth)
+
+
+def _power_vjp(g: Callable[[Tensor], Tensor], z: Tensor, v: Tensor, iters: int) -> Tensor:
+    with torch.enable_grad():
+        z_in = z.detach().requires_grad_(True)
+        out = g(z_in)
+        log_growth = []
+        for _ in range(iters):
+            (jtv,) = torch.autograd.grad(out, z_in, v, retain_graph=True)
+            norm = _sample_norm(jtv)
+            log_growth.append(norm.log())
+            v = _unit(jtv, norm, v)
+    return _geometric_growth(log_growth)
+
+
+def spectral_radius(
+    f: Map,
+    z: Tensor,
+    iters: int = 30,
+    *,
+    method: str = "jvp",
+    period: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Per-sample spectral radius of the Jacobian of ``f`` at ``z`` by power iteration.
+
+    Args:
+        f: batched map (B, ...) -> (B, ...) with independent rows; a ``rows`` parameter, if any, is
+            passed ``None``.
+        z: (B, ...) point at which the Jacobian is taken. Not modified; no gradient reaches it.
+        iters: power iterations; the estimate averages the log growth of the last ``iters // 2``.
+        method: ``"jvp"`` (forward mode, power iteration on J; falls back to ``"vjp"`` when forward
+            AD raises) or ``"vjp"`` (reverse mode, power iteration on J^T; same radius).
+        period: compose ``f`` this many times and return the ``period``-th root of the radius of
+            the composed map, i.e. the per-step Floquet multiplier of a period-``period`` cycle
+            through ``z``. With ``period=1`` the plain one-step radius.
+        generator: seeds the random start vector (default: a CPU generator seeded 0).
+
+    Returns:
+        (B,) float tensor: rho per sample (float32, or float64 for float64 ``z``).
+
+    Example:
+        >>> a = 0.9 * torch.tensor([[0.309, -0.951], [0.951, 0.309]])  # 0.9 x rotation 2pi/5
+        >>> spectral_radius(lambda z: z @ a.T, torch.zeros(3, 2))  # 0.9 for each of the 3 rows
+    """
+    _check_method(method)
+    if not isinstance(iters, int) or iters < 2:
+        raise ValueError(f"iters must be an int >= 2, got {iters!r}")
+    if not isinstance(period, int) or period < 1:
+        raise ValueError(f"period must be an int >= 1, got {period!r}")
+    if not isinstance(z, Tensor) or z.dim() < 1 or z.shape[0] == 0:
+        raise ValueError(f"z must be a (B, ...) tensor with B >= 1, got {getattr(z, 'shape', z)}")
+    g = _compose(whole_batch(f), period)
+    z = z.detach()
+    v = _random_unit(z, generator)
+    if method == "jvp":
+        try:
+            with torch.no_grad():
+                rho = _power_jvp(g, z, v, iters)
+        except (RuntimeError, NotImplementedError):  # forward AD missing for some op
+            rho = _power_vjp(g, z, v, iters)
+    else:
+        rho = _power_vjp(g, z, v, iters)
+    return rho.detach() ** (1.0 / period)
+
+
+def _benettin_jvp(
+    g: Callable[[Tensor], Tensor], z: Tensor, v: Tensor, steps: int, warmup: int
+) -> Tensor:
+    total = torch.zeros(z.shape[0], dtype=_sample_norm(z[:1]).dtype, device=z.device)
+    for step in range(warmup + steps):
+        z, jv = torch.func.jvp(g, (z,), (v,))
+        norm = _sample_norm(jv)
+        if step >= warmup:
+            total = total + norm.log()
+        v = _unit(jv, norm, v)
+    return total / steps
+
+
+def _benettin_vjp(
+    g: Callable[[Tensor], Tensor], z: Tensor, v: Tensor, steps: int, warmup: int
+) -> Tensor:
+    # Forward: warm the state up, then record the states whose Jacobians are multiplied.
+    with torch.no_grad():
+        for _ in range(warmup):
+            z = g(z)
+        states = []
+        for _ in range(warmup + steps):
+            states.append(z)
+            z = g(z)
+    # Backward: propagate a covector from the last state to the first; its first ``warmup``
+    # growths align it with the dominant singular direction and are not counted.
+    total = torch.zeros(z.shape[0], dtype=_sample_norm(z[:1]).dtype, device=z.device)
+    with torch.enable_grad():
+        for count, state in enumerate(reversed(states)):
+            z_in = state.detach().requires_grad_(True)
+            (jtv,) = torch.autograd.grad(g(z_in), z_in, v)
+            norm = _sample_norm(jtv)
+            if count >= warmup:
+                total = total + norm.log()
+            v = _unit(jtv, norm, v)
+    return total / steps
+
+
+def lyapunov_exponent(
+    f: Map,
+    z0: Tensor,
+    steps: int,
+    *,
+    warmup: int = 0,
+    method: str = "jvp",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Finite-time largest Lyapunov exponent along the trajectory of ``f`` from ``z0`` (Benettin).
+
+    Args:
+        f: batched map (B, ...) -> (B, ...) with independent rows.
+        z0: (B, ...) initial states.
+        steps: steps whose log growth is averaged.
+        warmup: steps run first and not counted; they move the state onto its attractor and align
+            the tangent vector with the most expanding direction (the standard transient discard).
+        method: ``"jvp"`` (tangent vector forward; falls back to ``"vjp"`` if forward AD raises) or
+            ``"vjp"`` (covector propagated backwards over the recorded states; same exponent).
+        generator: seeds the random initial tangent vector.
+
+    Returns:
+        (B,) mean log growth per step (nats/step): > 0 chaotic, ~0 neutral (rotations,
+        quasi-periodic orbits), < 0 contracting; ``-inf`` where the Jacobian annihilates the
+        tangent vector.
+
+    Example:
+        >>> z0 = torch.rand(8, 1) * 0.8 + 0.1
+        >>> logistic = lambda z: 4 * z * (1 - z)
+        >>> lyapunov_exponent(logistic, z0.double(), 2000, warmup=10).mean()  # ~ln 2 = 0.69
+    """
+    _check_method(method)
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if not isinstance(z0, Tensor) or z0.dim() < 1 or z0.shape[0] == 0:
+        got = getattr(z0, "shape", z0)
+        raise ValueError(f"z0 must be a (B, ...) tensor with B >= 1, got {got}")
+    g = whole_batch(f)
+    z0 = z0.detach()
+    v = _random_unit(z0, generator)
+    if method == "jvp":
+        try:
+            with torch.no_grad():
+                return _benettin_jvp(g, z0, v, steps, warmup)
+        except (RuntimeError, NotImplementedError):
+            pass
+    return _benettin_vjp(g, z0, v, steps, warmup).detach()
