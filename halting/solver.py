@@ -68,16 +68,16 @@ class SolverController(LoopController):
         """Solve from the first loop's state ``z1``; returns ``fixedpoint.Solution``."""
         from fixedpoint.solve import solve
 
-        contexts: dict[tuple[int, ...], Any] = {}
+        # ``solve`` keeps passing the same ``rows`` tensor until its active set changes, so the
+        # context is re-selected only then (an identity check: no host sync per step).
+        selected: dict[str, Any] = {"rows": None, "ctx": ctx}
 
         def block(z: Tensor, rows: Tensor | None = None) -> Tensor:
-            if rows is None or rows.numel() == ctx.batch_size:
+            if rows is None:
                 return model.step(z, ctx, 1)
-            key = tuple(rows.tolist())
-            if key not in contexts:  # the solver's row set changed: re-select once
-                contexts.clear()
-                contexts[key] = ctx.select(rows)
-            return model.step(z, contexts[key], 1)
+            if rows is not selected["rows"]:
+                selected["rows"], selected["ctx"] = rows, ctx.select(rows)
+            return model.step(z, selected["ctx"], 1)
 
         max_iter = self.max_iter if self.max_iter is not None else max_loops - 1
         max_iter = min(max_iter, max_loops - 1)
