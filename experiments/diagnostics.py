@@ -248,7 +248,8 @@ def per_loop_table(
     """Every diagnostic per loop k >= 1 as a long table with columns (loop, metric, value).
 
     Args:
-        states: (K+1, B, T, D) trajectory h_0..h_K.
+        states: (K+1, B, T, D) trajectory h_0..h_K; samples with a non-finite value anywhere
+            (diverged) are left out of the state diagnostics instead of making them NaN.
         attention: captured attention, a list of ``{"loop", "layer", "kind", "probs"}`` where
             ``loop`` is the 0-based step index (as ``LoopContext.attention`` records it); the JS
             divergence of loop k is against loop k-1, matched by (layer, kind).
@@ -270,17 +271,12 @@ def per_loop_table(
     def add(metric: str, values: Tensor) -> None:
         rows.extend((k + 1, metric, float(v)) for k, v in enumerate(values.tolist()))
 
-    add("relative_residual", relative_residual(h))
-    cos_prev, cos_total = update_coherence(h)
-    add("cos_prev", cos_prev)
-    add("cos_total", cos_total)
-    add("period2_return_error", period2_return_error(h))
-    add("effective_rank", torch.stack([effective_rank(h[k]) for k in range(1, n_loops + 1)]))
-    add("participation_ratio",
-        torch.stack([participation_ratio(h[k]) for k in range(1, n_loops + 1)]))
-    cka = cka_matrix(h)
-    for i in range(1, n_loops + 1):
-        rows.extend((i, f"cka@{j}", float(cka[i, j])) for j in range(1, n_loops + 1))
+    # A diverged sample (NaN/Inf anywhere in its trajectory) would turn every batch statistic into
+    # NaN, or make the SVD fail: the state diagnostics describe the samples that stayed finite.
+    finite = torch.isfinite(h).flatten(start_dim=2).all(dim=2).all(dim=0)  # (B,)
+    h = h[:, finite]
+    if h.shape[1] > 0:
+        _state_rows(h, n_loops, add, rows)
     if attention:
         rows.extend((loop, "attention_js", value) for loop, value in _attention_rows(attention))
     if step_logits is not None:
@@ -293,6 +289,22 @@ def per_loop_table(
                 for k in range(n_loops)]))
     table = pd.DataFrame(rows, columns=["loop", "metric", "value"])
     return table[table["value"].notna()].reset_index(drop=True)
+
+
+def _state_rows(h: Tensor, n_loops: int, add: Callable[[str, Tensor], None],
+                rows: list[tuple[int, str, float]]) -> None:
+    """The diagnostics of the states themselves (residual, coherence, rank, CKA)."""
+    add("relative_residual", relative_residual(h))
+    cos_prev, cos_total = update_coherence(h)
+    add("cos_prev", cos_prev)
+    add("cos_total", cos_total)
+    add("period2_return_error", period2_return_error(h))
+    add("effective_rank", torch.stack([effective_rank(h[k]) for k in range(1, n_loops + 1)]))
+    add("participation_ratio",
+        torch.stack([participation_ratio(h[k]) for k in range(1, n_loops + 1)]))
+    cka = cka_matrix(h)
+    for i in range(1, n_loops + 1):
+        rows.extend((i, f"cka@{j}", float(cka[i, j])) for j in range(1, n_loops + 1))
 
 
 def _correct(score_fn: Callable[[Tensor, Tensor], Any] | None, logits: Tensor,
