@@ -3,7 +3,7 @@
 Which rows each figure reads (metric names are the ``metric`` column):
 
 =========================  ==========  ======================================================
-figure                     table       metrics
+figure                     table       metrics / columns
 =========================  ==========  ======================================================
 ``convergence_traces``     traces      ``residual`` (token -1); optional tolerance argument
 ``oscillation``            results     ``cos_prev``, ``period2_return_error``; optional
@@ -12,6 +12,7 @@ figure                     table       metrics
                                        (loops used by a token, token >= 0)
 ``phase_portraits``        traces      ``pc1``, ``pc2`` (token >= 0)
 ``verdicts``               samples     ``label`` per controller x budget
+``depth_histograms``       samples     ``depth`` per ``difficulty`` per controller
 ``representation``         results     any of ``effective_rank``, ``cka@<j>``,
                                        ``attention_js``, ``logit_lens_kl``
 ``gain_cost``              results     ``fixed`` controller: ``accuracy`` or ``bits_per_byte``;
@@ -20,11 +21,14 @@ figure                     table       metrics
                                        optional ``flops_per_token``
 =========================  ==========  ======================================================
 
-Lines are told apart by a *series* label built from the identifying columns that vary in the
-table (arch, controller, budget, split, ...), so the same code serves one run and a whole sweep.
-Colours come from seaborn's colour-blind palette; legends sit outside the axes. The trajectory
-pictures follow Huginn's study (Geiping et al. 2025, arXiv 2502.05171): token x step heatmaps of
-the distance to the final state with a log colour scale, and PCA phase portraits.
+Layout (``experiments.figure_style``): small multiples with one panel per model (the ``run``
+column, plus ``arch`` when a run holds several) and one panel row per split (``val`` above
+``hard``); colour encodes the controller (``fixed`` near-black) or, where one controller is
+shown, the model; one legend per figure outside the panels. Per-loop pictures of a single
+trajectory (heatmaps, portraits, per-loop diagnostics) use the ``fixed`` controller at its largest
+budget when it is present: it runs every loop, so nothing is cut short by a halting rule. The
+trajectory pictures follow Huginn's study (Geiping et al. 2025, arXiv 2502.05171): token x step
+heatmaps of the distance to the final state with a log colour scale, and PCA phase portraits.
 """
 
 from __future__ import annotations
@@ -35,380 +39,382 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LogNorm, Normalize
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only, never windows
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-from matplotlib.colors import LogNorm, Normalize  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from experiments.results import load_run, save_figure, validate_frame  # noqa: E402
+from experiments import figure_style as fs
+from experiments.figure_style import plt
+from experiments.figures_quality import fig_accuracy_vs_loops, fig_gain_cost
+from experiments.results import load_run, save_figure, validate_frame
 
 log = logging.getLogger(__name__)
-PALETTE = "colorblind"
-SERIES_KEYS = ("arch", "objective", "train_loops", "controller", "budget", "split", "run", "task")
 VERDICT_ORDER = ["converged", "converging", "periodic", "quasi_periodic", "chaotic", "aperiodic",
                  "drifting", "diverging"]
-MAX_PANELS = 4
 
 
-def _series(df: pd.DataFrame, keys: Sequence[str] = SERIES_KEYS) -> pd.Series:
-    """A readable label per row from the identifying columns that take more than one value."""
-    varying = [k for k in keys if k in df.columns and df[k].nunique(dropna=False) > 1]
-    for key in reversed(list(varying)):  # drop keys implied by the others (e.g. run names)
-        rest = [k for k in varying if k != key]
-        if rest and len(df[rest].drop_duplicates()) == len(df[varying].drop_duplicates()):
-            varying = rest
-    if not varying:
-        first = next((k for k in ("controller", "arch") if k in df.columns), None)
-        varying = [first] if first else []
-    if not varying:
-        return pd.Series("all", index=df.index)
-    parts = [df[k].astype(str) if k != "budget" else "K=" + df[k].astype(str) for k in varying]
-    label = parts[0]
-    for part in parts[1:]:
-        label = label + " · " + part
-    return label
-
-
-def _metric(df: pd.DataFrame, name: str) -> pd.DataFrame:
-    out = df[df["metric"] == name].copy()
-    out["value"] = pd.to_numeric(out["value"], errors="coerce")
-    return out[np.isfinite(out["value"])]
-
-
-def _need(df: pd.DataFrame, metrics: Sequence[str], what: str) -> None:
-    validate_frame(df, ["metric", "value"])
-    if not any((df["metric"] == m).any() for m in metrics):
-        raise ValueError(f"{what} needs metric(s) {list(metrics)}; table has "
-                         f"{sorted(df['metric'].unique())[:20]}")
-
-
-def _legend_outside(ax: plt.Axes, title: str | None = None) -> None:
-    handles, labels = ax.get_legend_handles_labels()
-    if ax.get_legend() is not None:
-        ax.get_legend().remove()
-    if handles:
-        ax.legend(handles, labels, title=title, loc="upper left", bbox_to_anchor=(1.02, 1.0),
-                  fontsize="small", frameon=False)
-
-
-def _panels(n: int, width: float = 4.6, height: float = 3.4) -> tuple[Figure, list[plt.Axes]]:
-    fig, axes = plt.subplots(1, n, figsize=(width * n + 1.5, height), squeeze=False,
-                             layout="constrained")
-    return fig, list(axes[0])
-
-
-def _line(ax: plt.Axes, df: pd.DataFrame, y_label: str, title: str, log_y: bool = False,
-          band: bool = True) -> None:
-    data = df.assign(series=_series(df))
-    sns.lineplot(data=data, x="loop", y="value", hue="series", ax=ax, palette=PALETTE,
-                 estimator="median", errorbar=("pi", 95) if band else None, marker="o",
-                 markersize=3)
-    if log_y:
-        ax.set_yscale("log")
-    ax.set(xlabel="loop k", ylabel=y_label, title=title)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _legend_outside(ax)
-
-
+@fs.styled_figure
 def fig_convergence_traces(traces: pd.DataFrame, tol: float | None = None) -> Figure:
-    """Relative residual per loop, median with a 95% percentile band over samples, per controller
-    (hue) and one panel per architecture; dashed line at the tolerance ``tol`` when given."""
+    """Relative residual per loop: median line and 2.5-97.5 percentile band over samples, one
+    panel per model x split, colour = controller (each at its largest budget), dotted line at the
+    tolerance ``tol`` when given."""
     validate_frame(traces, ["loop", "metric", "value"])
-    _need(traces, ["residual"], "fig_convergence_traces")
-    data = _metric(traces, "residual")
-    if "token" in data.columns:
-        data = data[data["token"] == -1] if (data["token"] == -1).any() else data
-    data = data[data["value"] > 0]
-    archs = sorted(data["arch"].unique()) if "arch" in data.columns else [None]
-    fig, axes = _panels(min(len(archs), MAX_PANELS))
-    for ax, arch in zip(axes, archs):
-        part = data if arch is None else data[data["arch"] == arch]
-        keys = [k for k in SERIES_KEYS if k != "arch"]
-        sns.lineplot(data=part.assign(series=_series(part, keys)), x="loop", y="value",
-                     hue="series", ax=ax, palette=PALETTE, estimator="median",
-                     errorbar=("pi", 95))
-        ax.set_yscale("log")
+    fs.need(traces, ["residual"], "fig_convergence_traces")
+    data = fs.metric(traces, "residual")
+    if "token" in data.columns and (data["token"] == -1).any():
+        data = data[data["token"] == -1]
+    data = fs.largest_budget(fs.prepare(data[data["value"] > 0]))
+    splits, models, labels, note = fs.facets(data)
+    summary = fs.quantile_lines(data, ["model", "controller", "split"])
+    colours = fs.controller_colours(data["controller"])
+    fig, axes = fs.facet_grid(splits, models, sharex=True, sharey=True)
+    for (split, model), ax in axes.items():
+        part = summary[(summary["model"] == model) & (summary["split"] == split)]
+        for controller, line in part.groupby("controller"):
+            fs.band_line(ax, line, colours[controller])
         if tol is not None:
-            ax.axhline(tol, color="0.3", linestyle="--", linewidth=1, label=f"tolerance {tol:g}")
-        ax.set(xlabel="loop k", ylabel="relative residual ||Δ||/||h|| (log)",
-               title=f"Convergence: {arch} (median, 95% band)" if arch else "Convergence")
-        _legend_outside(ax)
+            ax.axhline(tol, color="0.35", linestyle=":", linewidth=1.2)
+        ax.set_yscale("log")
+        ax.set_title(f"{labels[model]} · {split}")
+        fs.integer_ticks(ax)
+    fs.outer_labels(axes.values(), "loop k", "relative residual ||Δ||/||h|| (log)")
+    budgets = data.groupby("controller")["budget"].unique() if "budget" in data.columns else {}
+    handles = [fs.handle(name + (f" (K={budgets[name][0]})" if len(budgets) and
+                                 len(budgets[name]) == 1 else ""), colour, marker="o")
+               for name, colour in colours.items()]
+    if tol is not None:
+        handles.append(fs.handle(f"tolerance {tol:g}", "0.35", ":"))
+    fs.figure_legend(fig, handles, "controller")
+    fig.suptitle("Convergence: median relative residual per loop (band: 95% of samples)" + note)
     return fig
 
 
-def fig_oscillation(results: pd.DataFrame, samples: pd.DataFrame | None = None) -> Figure:
-    """Successive-update cosine and period-2 return error per loop, and the spectral radius of
-    the loop map at the final state per run (from results, else from ``samples``)."""
-    validate_frame(results, ["loop", "metric", "value"])
-    for name in ("cos_prev", "period2_return_error"):
-        _need(results, [name], "fig_oscillation")
-    radius = _metric(results, "spectral_radius")
+def _per_loop_lines(ax: plt.Axes, df: pd.DataFrame, colours: dict[str, Any],
+                    log_y: bool = False) -> None:
+    """One line per model (colour) x split (line style) of a per-loop aggregate metric."""
+    for (model, split), part in df.groupby(["model", "split"]):
+        if model not in colours:
+            continue
+        part = part.groupby("loop")["value"].mean()
+        ax.plot(part.index, part.to_numpy(), color=colours[model],
+                linestyle=fs.SPLIT_DASH.get(split, "-"), linewidth=1.3, marker="o", markersize=2)
+    if log_y:
+        ax.set_yscale("log")
+    fs.integer_ticks(ax)
+
+
+def _model_handles(models: Sequence[str], labels: dict[str, str], colours: dict[str, Any],
+                   splits: Sequence[str]) -> list[Any]:
+    return ([fs.handle(labels[m], colours[m]) for m in models] + fs.split_handles(splits))
+
+
+def _spectral_radius(results: pd.DataFrame, samples: pd.DataFrame | None) -> pd.DataFrame:
+    radius = fs.metric(results, "spectral_radius")
     if radius.empty and samples is not None and "spectral_radius" in samples.columns:
         radius = samples.assign(value=pd.to_numeric(samples["spectral_radius"], errors="coerce"))
         radius = radius[np.isfinite(radius["value"])]
-    fig, axes = _panels(3 if not radius.empty else 2)
-    cos = _metric(results, "cos_prev")
-    _line(axes[0], cos, "cos(Δ_k, Δ_{k-1})", "Successive-update cosine")
-    axes[0].axhline(-1, color="0.6", linewidth=0.8, linestyle=":")
-    axes[0].set_ylim(-1.05, 1.05)
-    _line(axes[1], _metric(results, "period2_return_error"),
-          "period-2 return ||h_k - h_{k-2}||/||h_k|| (log)", "Period-2 return error", log_y=True)
+    return fs.prepare(radius) if not radius.empty else radius
+
+
+@fs.styled_figure
+def fig_oscillation(results: pd.DataFrame, samples: pd.DataFrame | None = None) -> Figure:
+    """Successive-update cosine and period-2 return error per loop (colour = model, line style =
+    split), and the spectral radius of the loop map at the final state per model (median and 95%
+    range over samples when per-sample values are given)."""
+    validate_frame(results, ["loop", "metric", "value"])
+    for name in ("cos_prev", "period2_return_error"):
+        fs.need(results, [name], "fig_oscillation")
+    per_loop = fs.prepare(results[results["metric"].isin(["cos_prev", "period2_return_error"])])
+    per_loop, which = fs.one_controller(per_loop)
+    radius = _spectral_radius(results, samples)
+    splits, models, labels, note = fs.facets(per_loop)
+    colours = fs.series_colours(models)
+    panels = ["cos", "p2"] + (["rho"] if not radius.empty else [])
+    fig, axes = fs.facet_grid(["all"], panels, panel=(3.6, 2.8))
+    ax = axes[("all", "cos")]
+    _per_loop_lines(ax, fs.metric(per_loop, "cos_prev"), colours)
+    ax.axhline(-1, color="0.6", linewidth=0.8, linestyle=":")
+    ax.set(ylim=(-1.05, 1.05), xlabel="loop k", ylabel="cos(Δ_k, Δ_{k-1})",
+           title="Successive-update cosine (-1: period 2)")
+    ax = axes[("all", "p2")]
+    _per_loop_lines(ax, fs.metric(per_loop, "period2_return_error"), colours, log_y=True)
+    ax.set(xlabel="loop k", ylabel="||h_k - h_{k-2}|| / ||h_k|| (log)",
+           title="Period-2 return error")
     if not radius.empty:
-        keys = [k for k in SERIES_KEYS if k not in ("budget", "split")]
-        data = radius.assign(series=_series(radius, keys))
-        sns.pointplot(data=data, y="series", x="value", hue="series", ax=axes[2],
-                      palette=PALETTE, errorbar=("pi", 95), linestyle="none", legend=False)
-        axes[2].axvline(1.0, color="0.3", linestyle="--", linewidth=1)
-        axes[2].set(xlabel="spectral radius ρ(∂f/∂h) at final state", ylabel="run",
-                    title="Spectral radius (ρ < 1: contractive)")
+        _radius_panel(axes[("all", "rho")], radius, models, labels, colours)
+    fs.figure_legend(fig, _model_handles(models, labels, colours, splits), "model")
+    fig.suptitle(f"Oscillation diagnostics ({which})" + note)
     return fig
 
 
-def _token_loop_matrix(part: pd.DataFrame) -> pd.DataFrame:
-    return part.pivot_table(index="token", columns="loop", values="value", aggfunc="mean")
+def _radius_panel(ax: plt.Axes, radius: pd.DataFrame, models: Sequence[str],
+                  labels: dict[str, str], colours: dict[str, Any]) -> None:
+    splits = fs.ordered(radius["split"])
+    offsets = dict(zip(splits, np.linspace(-0.15, 0.15, len(splits)) if len(splits) > 1 else [0]))
+    for i, model in enumerate(models):
+        for split in splits:
+            values = radius[(radius["model"] == model) & (radius["split"] == split)]["value"]
+            if values.empty:
+                continue
+            mid, low, high = values.median(), values.quantile(0.025), values.quantile(0.975)
+            ax.errorbar(mid, i + offsets[split], xerr=[[mid - low], [high - mid]], fmt="o",
+                        color=colours[model], mfc=colours[model] if split == splits[0] else "w",
+                        capsize=2)
+    ax.axvline(1.0, color="0.3", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(models)), [labels[m] for m in models])
+    ax.invert_yaxis()
+    split_note = f"filled: {splits[0]}, open: {splits[1]}; " if len(splits) > 1 else ""
+    ax.set(xlabel=f"spectral radius ρ(∂f/∂h) at final state ({split_note}ρ < 1: contractive)",
+           ylabel="model", title="Spectral radius")
 
 
+@fs.styled_figure
 def fig_heatmaps(traces: pd.DataFrame) -> Figure:
-    """Tokens x loop heatmaps of the distance to the final state (log colour, mean over samples),
-    one per series, and the mean halting depth per token when ``halt_depth`` rows exist."""
+    """Tokens x loop heatmaps of the distance to the final state (shared log colour scale, mean
+    over samples), one per model x split; plus a row of mean halting depth per token when
+    ``halt_depth`` rows exist."""
     validate_frame(traces, ["token", "loop", "metric", "value"])
-    _need(traces, ["dist_to_final"], "fig_heatmaps")
-    dist = _metric(traces, "dist_to_final")
-    dist = dist[dist["token"] >= 0]
-    dist = dist.assign(series=_series(dist))
-    names = list(dict.fromkeys(dist["series"]))[:MAX_PANELS]
-    depth = _metric(traces, "halt_depth")
+    fs.need(traces, ["dist_to_final"], "fig_heatmaps")
+    dist = fs.prepare(fs.metric(traces, "dist_to_final"))
+    dist, which = fs.one_controller(dist[dist["token"] >= 0])
+    depth = fs.prepare(fs.metric(traces, "halt_depth"))
     depth = depth[depth["token"] >= 0]
-    fig, axes = _panels(len(names) + (not depth.empty), width=4.4, height=3.8)
-    for ax, name in zip(axes, names):
-        matrix = _token_loop_matrix(dist[dist["series"] == name])
-        positive = matrix.where(matrix > 0).dropna(axis=1, how="all")  # the last loop is 0
-        low = np.nanmin(positive.to_numpy()) if positive.notna().any().any() else 1e-6
-        high = max(np.nanmax(positive.to_numpy()) if positive.notna().any().any() else 1, low * 10)
-        _matrix_image(ax, positive, LogNorm(vmin=low, vmax=high), "||h_k - h_K|| (log)")
-        ax.set(xlabel="loop k", ylabel="token position", title=f"Distance to final: {name}")
+    splits, models, labels, note = fs.facets(dist)
+    matrices = {key: part.pivot_table(index="token", columns="loop", values="value",
+                                      aggfunc="mean") for key, part in dist.groupby(["split",
+                                                                                     "model"])}
+    matrices = {k: m.where(m > 0).dropna(axis=1, how="all") for k, m in matrices.items()}
+    positive = np.concatenate([m.to_numpy().ravel() for m in matrices.values()])
+    positive = positive[np.isfinite(positive)]
+    low = positive.min() if positive.size else 1e-6
+    norm = LogNorm(vmin=low, vmax=max(positive.max() if positive.size else 1.0, low * 10))
+    rows = splits + (["halting depth"] if not depth.empty else [])
+    fig, axes = fs.facet_grid(rows, models, panel=(2.9, 2.4))
+    image = None
+    for (row, model), ax in axes.items():
+        if row == "halting depth":
+            _halt_depth_panel(ax, depth[depth["model"] == model], labels[model])
+            continue
+        matrix = matrices.get((row, model))
+        if matrix is None or matrix.empty:
+            fs.empty_panel(ax)
+            continue
+        image = fs.matrix_image(ax, matrix, norm)
+        ax.set_title(f"{labels[model]} · {row}")
+    fs.outer_labels([a for (r, _), a in axes.items() if r != "halting depth"], "loop k",
+                    "token position")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes.values()), label="||h_k - h_K|| (log)", shrink=0.6)
     if not depth.empty:
-        ax = axes[-1]
-        data = depth.assign(series=_series(depth))
-        sns.lineplot(data=data, x="token", y="value", hue="series", ax=ax, palette=PALETTE,
-                     errorbar=("pi", 95), marker="o", markersize=3)
-        ax.set(xlabel="token position", ylabel="halting depth (loops used)",
-               title="Halting depth per token")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        _legend_outside(ax)
+        colours = fs.controller_colours(depth["controller"])
+        fs.figure_legend(fig, [fs.handle(c, col) for c, col in colours.items()]
+                         + fs.split_handles(fs.ordered(depth["split"])), "halting depth")
+    fig.suptitle(f"Distance to the final state per token and loop ({which})" + note)
     return fig
 
 
-def _matrix_image(ax: plt.Axes, matrix: pd.DataFrame, norm: Any, label: str,
-                  most: int = 12) -> None:
-    """Draw ``matrix`` as an image with a colour bar; at most ``most`` tick labels per axis.
+def _halt_depth_panel(ax: plt.Axes, depth: pd.DataFrame, label: str) -> None:
+    if depth.empty:
+        fs.empty_panel(ax, "no halting depth")
+        return
+    colours = fs.controller_colours(depth["controller"])
+    for (controller, split), part in depth.groupby(["controller", "split"]):
+        mean = part.groupby("token")["value"].mean()
+        ax.plot(mean.index, mean.to_numpy(), color=colours[controller], marker="o", markersize=3,
+                linestyle=fs.SPLIT_DASH.get(split, "-"))
+    fs.integer_ticks(ax)
+    ax.set(title=f"{label} · halting depth", xlabel="token position",
+           ylabel="mean loops used")
 
-    (``seaborn.heatmap`` redraws the whole figure per call to check label overlap; too slow.)
-    """
-    image = ax.imshow(matrix.to_numpy(dtype=float), aspect="auto", cmap="viridis", norm=norm,
-                      interpolation="nearest")
-    ax.figure.colorbar(image, ax=ax, label=label)
-    for set_ticks, labels in ((ax.set_xticks, matrix.columns), (ax.set_yticks, matrix.index)):
-        step = max(1, int(np.ceil(len(labels) / most)))
-        positions = list(range(0, len(labels), step))
-        set_ticks(positions, [str(labels[i]) for i in positions])
 
-
+@fs.styled_figure
 def fig_phase_portraits(traces: pd.DataFrame, max_tokens: int = 8) -> Figure:
-    """PCA phase portraits: each token's (pc1, pc2) path over loops for the first sample of each
-    series (colour = token position; circle = h_0, star = last loop)."""
+    """PCA phase portraits: each token's (pc1, pc2) path over loops for the first sample, one
+    panel per model x split (colour = token position; circle = first loop, star = last)."""
     validate_frame(traces, ["sample", "token", "loop", "metric", "value"])
-    _need(traces, ["pc1", "pc2"], "fig_phase_portraits")
-    pcs = traces[traces["metric"].isin(["pc1", "pc2"]) & (traces["token"] >= 0)]
-    pcs = pcs.assign(series=_series(pcs))
-    wide = pcs.pivot_table(index=["series", "sample", "token", "loop"], columns="metric",
+    fs.need(traces, ["pc1", "pc2"], "fig_phase_portraits")
+    pcs = fs.prepare(traces[traces["metric"].isin(["pc1", "pc2"]) & (traces["token"] >= 0)])
+    pcs, which = fs.one_controller(pcs)
+    wide = pcs.pivot_table(index=["model", "split", "sample", "token", "loop"], columns="metric",
                            values="value", aggfunc="mean").reset_index().dropna()
-    names = list(dict.fromkeys(wide["series"]))[:MAX_PANELS]
-    fig, axes = _panels(len(names), width=4.2, height=4.0)
-    for ax, name in zip(axes, names):
-        part = wide[wide["series"] == name]
+    splits, models, labels, note = fs.facets(wide)
+    norm = Normalize(vmin=0, vmax=max(int(wide["token"].max()), 1))
+    fig, axes = fs.facet_grid(splits, models, panel=(2.9, 2.6))
+    for (split, model), ax in axes.items():
+        part = wide[(wide["model"] == model) & (wide["split"] == split)]
+        if part.empty:
+            fs.empty_panel(ax)
+            continue
         part = part[part["sample"] == part["sample"].min()]
         tokens = sorted(part["token"].unique())
-        tokens = tokens[:: max(1, int(np.ceil(len(tokens) / max_tokens)))]
-        colours = sns.color_palette("viridis", len(tokens))
-        for colour, token in zip(colours, tokens):
+        for token in tokens[:: max(1, int(np.ceil(len(tokens) / max_tokens)))]:
             path = part[part["token"] == token].sort_values("loop")
-            ax.plot(path["pc1"], path["pc2"], color=colour, linewidth=1, label=f"t={token}")
-            ax.scatter(path["pc1"].iloc[:1], path["pc2"].iloc[:1], color=colour, marker="o", s=14)
-            ax.scatter(path["pc1"].iloc[-1:], path["pc2"].iloc[-1:], color=colour, marker="*",
-                       s=50)
-        ax.set(xlabel="PC 1 (tail-fitted)", ylabel="PC 2 (tail-fitted)",
-               title=f"Phase portrait: {name}")
-        _legend_outside(ax, "token")
+            colour = plt.get_cmap("viridis")(norm(token))
+            ax.plot(path["pc1"], path["pc2"], color=colour, linewidth=1)
+            ax.plot(path["pc1"].iloc[:1], path["pc2"].iloc[:1], "o", color=colour, markersize=3)
+            ax.plot(path["pc1"].iloc[-1:], path["pc2"].iloc[-1:], "*", color=colour,
+                    markersize=7)
+        ax.set_title(f"{labels[model]} · {split}")
+        ax.locator_params(nbins=5)
+    fs.outer_labels(axes.values(), "PC 1 (tail-fitted)", "PC 2 (tail-fitted)")
+    fig.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=list(axes.values()),
+                 label="token position", shrink=0.6)
+    fs.figure_legend(fig, [fs.handle("first loop", "0.3", "none", "o"),
+                           fs.handle("last loop", "0.3", "none", "*")])
+    fig.suptitle(f"Phase portraits of the first sample ({which})" + note)
     return fig
 
 
+@fs.styled_figure
 def fig_verdicts(samples: pd.DataFrame) -> Figure:
-    """Share of trajectory verdicts (converged, periodic, ...) per controller x loop budget."""
+    """Share of trajectory verdicts (converged, periodic, ...) per controller x loop budget,
+    one panel per model x split."""
     validate_frame(samples, ["controller", "budget", "label"])
     if samples.empty:
         raise ValueError("fig_verdicts needs at least one sample row")
-    keys = [k for k in ("arch", "controller", "budget", "split") if k in samples.columns]
-    data = samples.assign(group=_series(samples, keys)).sort_values(keys)
-    share = pd.crosstab(data["group"], data["label"], normalize="index")
-    share = share.loc[list(dict.fromkeys(data["group"]))]  # numeric budget order, not text
-    order = [v for v in VERDICT_ORDER if v in share.columns]
-    share = share[order + sorted(set(share.columns) - set(order))]
-    fig, axes = _panels(1, width=max(5.0, 0.7 * len(share) + 3), height=3.8)
-    ax = axes[0]
-    colours = dict(zip(share.columns, sns.color_palette(PALETTE, len(share.columns))))
-    bottom = np.zeros(len(share))
-    for label in share.columns:
-        ax.bar(range(len(share)), share[label], bottom=bottom, color=colours[label], label=label)
-        bottom += share[label].to_numpy()
-    ax.set_xticks(range(len(share)), share.index, rotation=30, ha="right")
-    ax.set(xlabel="controller · loop budget", ylabel="share of samples",
-           title="Trajectory verdicts", ylim=(0, 1))
-    _legend_outside(ax, "verdict")
+    data = fs.prepare(samples)
+    splits, models, labels, note = fs.facets(data)
+    groups = sorted(data[["controller", "budget"]].drop_duplicates().itertuples(index=False),
+                    key=lambda g: (fs.controller_rank(g[0]), g[1]))
+    names = [f"{fs.short_controller(c)} K={b}" for c, b in groups]
+    verdicts = [v for v in VERDICT_ORDER if v in set(data["label"])]
+    verdicts += sorted(set(data["label"].astype(str)) - set(verdicts))
+    colours = fs.series_colours(verdicts)
+    fig, axes = fs.facet_grid(splits, models, panel=(2.6, 0.3 * len(groups) + 1.0), sharex=True,
+                              sharey=True)
+    for (split, model), ax in axes.items():
+        part = data[(data["model"] == model) & (data["split"] == split)]
+        share = pd.crosstab([part["controller"], part["budget"]], part["label"],
+                            normalize="index").reindex(groups).fillna(0.0)
+        left = np.zeros(len(groups))
+        for verdict in verdicts:
+            width = share[verdict].to_numpy() if verdict in share.columns else 0 * left
+            ax.barh(range(len(groups)), width, left=left, color=colours[verdict], height=0.8)
+            left += width
+        ax.set_yticks(range(len(groups)), names)
+        ax.set_ylim(len(groups) - 0.5, -0.5)
+        ax.set(xlim=(0, 1), title=f"{labels[model]} · {split}")
+    fs.outer_labels(axes.values(), "share of samples", "controller · budget")
+    fs.figure_legend(fig, [fs.handle(v, colours[v], "none", "s") for v in verdicts], "verdict")
+    fig.suptitle("Trajectory verdicts" + note)
     return fig
 
 
+@fs.styled_figure
+def fig_depth_histograms(samples: pd.DataFrame) -> Figure:
+    """Exit depth distribution per difficulty level: for each adaptive controller (rows, at its
+    largest budget) and model (columns), the share of samples of each difficulty that exit at
+    each depth (rows of the image sum to 1), with the mean depth per difficulty marked."""
+    validate_frame(samples, ["controller", "budget", "difficulty", "depth"])
+    if samples.empty:
+        raise ValueError("fig_depth_histograms needs at least one sample row")
+    data = fs.prepare(samples)
+    adaptive = [c for c in data["controller"].unique() if c != "fixed"]
+    data = fs.largest_budget(data[data["controller"].isin(adaptive)] if adaptive else data)
+    controllers = sorted(data["controller"].unique(), key=fs.controller_rank)
+    _, models, labels, note = fs.facets(data)
+    difficulties = sorted(data["difficulty"].unique())
+    fig, axes = fs.facet_grid(controllers, models, panel=(2.7, 0.22 * len(difficulties) + 1.0))
+    norm, image = Normalize(0, 1), None
+    for (controller, model), ax in axes.items():
+        part = data[(data["model"] == model) & (data["controller"] == controller)]
+        if part.empty:
+            fs.empty_panel(ax)
+            continue
+        budget = int(part["budget"].max())
+        share = pd.crosstab(part["difficulty"], part["depth"], normalize="index")
+        share = share.reindex(index=difficulties, columns=range(1, budget + 1)).fillna(0.0)
+        image = fs.matrix_image(ax, share, norm, cmap="Blues", origin="lower", most_y=12)
+        mean = part.groupby("difficulty")["depth"].mean().reindex(difficulties)
+        ax.plot(mean.to_numpy() - 1, range(len(difficulties)), "o", color="w", mec="k",
+                markersize=4)
+        _split_boundary(ax, part, difficulties)
+        ax.set_title(f"{labels[model]} · {fs.short_controller(controller)} K={budget}")
+    fs.outer_labels(axes.values(), "exit depth (loops used)", "difficulty")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes.values()), label="share of samples at that difficulty",
+                     shrink=0.6)
+    fs.figure_legend(fig, [fs.handle("mean depth", "k", "none", "o", filled=False),
+                           fs.handle("val | hard boundary", "0.5", "--")])
+    fig.suptitle("Exit depth per difficulty (val and hard samples pooled)" + note)
+    return fig
+
+
+def _split_boundary(ax: plt.Axes, part: pd.DataFrame, difficulties: Sequence[Any]) -> None:
+    """Dashed line between the val and hard difficulty levels when they do not overlap."""
+    levels = {s: set(part[part["split"] == s]["difficulty"]) for s in ("val", "hard")}
+    if levels["val"] and levels["hard"] and max(levels["val"]) < min(levels["hard"]):
+        edge = max(i for i, d in enumerate(difficulties) if d in levels["val"])
+        ax.axhline(edge + 0.5, color="0.5", linestyle="--", linewidth=1)
+
+
+@fs.styled_figure
 def fig_representation(results: pd.DataFrame) -> Figure:
-    """Effective rank, CKA between loops (first series), attention JS and logit-lens KL per loop;
-    panels whose metric is absent are left out."""
+    """Effective rank, attention JS and logit-lens KL per loop (colour = model, line style =
+    split), and a row of CKA-between-loops heatmaps, one per model (first split); panels whose
+    metric is absent are left out."""
     validate_frame(results, ["loop", "metric", "value"])
-    cka = results[results["metric"].astype(str).str.startswith("cka@")]
-    present = {m: not _metric(results, m).empty
-               for m in ("effective_rank", "attention_js", "logit_lens_kl")}
-    if not cka.empty:
-        present["cka"] = True
-    if not any(present.values()):
+    data = fs.prepare(results)
+    cka = data[data["metric"].astype(str).str.startswith("cka@")]
+    lines = [m for m in ("effective_rank", "attention_js", "logit_lens_kl")
+             if not fs.metric(data, m).empty]
+    if not lines and cka.empty:
         raise ValueError("fig_representation needs effective_rank, cka@<j>, attention_js or "
                          "logit_lens_kl rows")
-    panels = [name for name in ("effective_rank", "cka", "attention_js", "logit_lens_kl")
-              if present.get(name)]
-    fig, axes = _panels(len(panels))
-    labels = {"effective_rank": ("effective rank (Roy & Vetterli)", "Effective rank", False),
-              "attention_js": ("Jensen-Shannon to loop k-1 (nats)", "Attention divergence", False),
-              "logit_lens_kl": ("KL(p_final || p_k) (nats, log)", "Logit lens", True)}
-    for ax, name in zip(axes, panels):
-        if name == "cka":
-            _cka_heatmap(ax, cka)
-        else:
-            _line(ax, _metric(results, name), labels[name][0], labels[name][1],
-                  log_y=labels[name][2])
+    data, which = fs.one_controller(data[data["metric"].isin(lines) | data.index.isin(cka.index)])
+    splits, models, labels, note = fs.facets(data)
+    colours = fs.series_colours(models)
+    cka_models = models[:fs.MAX_COLS] if not cka.empty else []
+    columns = max(len(lines), len(cka_models))
+    fig = plt.figure(figsize=(min(fs.MAX_WIDTH, 3.2 * columns + fs.LEGEND_WIDTH + 0.6),
+                              2.9 * (bool(lines) + bool(cka_models)) + 0.6), layout="constrained")
+    grid = fig.add_gridspec(bool(lines) + bool(cka_models), 1)
+    if lines:
+        _representation_lines(fig, grid[0], data, lines, colours)
+    if cka_models:
+        _cka_row(fig, grid[-1], data, cka_models, labels, splits[0])
+    fs.figure_legend(fig, _model_handles(models, labels, colours, splits), "model")
+    fig.suptitle(f"Representation across loops ({which})" + note)
     return fig
 
 
-def _cka_heatmap(ax: plt.Axes, cka: pd.DataFrame) -> None:
-    cka = cka.assign(series=_series(cka), other=cka["metric"].str[4:].astype(int),
+def _representation_lines(fig: Figure, cell: Any, data: pd.DataFrame, lines: Sequence[str],
+                          colours: dict[str, Any]) -> None:
+    text = {"effective_rank": ("effective rank (Roy & Vetterli)", "Effective rank", False),
+            "attention_js": ("JS to loop k-1 (nats)", "Attention divergence", False),
+            "logit_lens_kl": ("KL(p_final || p_k) (nats, log)", "Logit lens", True)}
+    sub = cell.subgridspec(1, len(lines))
+    for i, name in enumerate(lines):
+        ax = fig.add_subplot(sub[0, i])
+        _per_loop_lines(ax, fs.metric(data, name), colours, log_y=text[name][2])
+        ax.set(xlabel="loop k", ylabel=text[name][0], title=text[name][1])
+
+
+def _cka_row(fig: Figure, cell: Any, data: pd.DataFrame, models: Sequence[str],
+             labels: dict[str, str], split: str) -> None:
+    cka = data[data["metric"].astype(str).str.startswith("cka@") & (data["split"] == split)]
+    cka = cka.assign(other=cka["metric"].str[4:].astype(int),
                      value=pd.to_numeric(cka["value"], errors="coerce"))
-    first = cka["series"].iloc[0]
-    matrix = cka[cka["series"] == first].pivot_table(index="loop", columns="other",
-                                                     values="value", aggfunc="mean")
-    _matrix_image(ax, matrix, Normalize(vmin=0, vmax=1), "linear CKA")
-    ax.set(xlabel="loop j", ylabel="loop i", title=f"CKA between loops: {first}")
-
-
-def _quality(results: pd.DataFrame) -> tuple[str, str]:
-    if (results["metric"] == "accuracy").any():
-        return "accuracy", "accuracy"
-    if (results["metric"] == "bits_per_byte").any():
-        return "bits_per_byte", "bits per byte (lower is better)"
-    raise ValueError("needs metric 'accuracy' or 'bits_per_byte' in results")
-
-
-def fig_gain_cost(results: pd.DataFrame) -> Figure:
-    """Gain-cost curve of loop count for the ``fixed`` controller: quality vs loops (train loops
-    when the table spans several, else the evaluation budget), and the marginal gain of each added
-    loop against its added compute (FLOPs per token when recorded, else loops)."""
-    validate_frame(results, ["controller", "budget", "metric", "value"])
-    metric, label = _quality(results)
-    fixed = results[results["controller"] == "fixed"]
-    if fixed.empty:
-        raise ValueError("fig_gain_cost needs rows of the 'fixed' controller")
-    x = ("train_loops" if "train_loops" in fixed.columns and fixed["train_loops"].nunique() > 1
-         else "budget")
-    if x == "train_loops" and (fixed["budget"] == fixed["train_loops"]).any():
-        fixed = fixed[fixed["budget"] == fixed["train_loops"]]  # each model at its own depth
-    else:
-        x = "budget"
-    keys = [k for k in SERIES_KEYS if k not in (x, "controller", "run", "budget", "train_loops")]
-    quality = _metric(fixed, metric).assign(series=lambda d: _series(d, keys))
-    names = list(dict.fromkeys(quality["series"]))
-    colours = dict(zip(names, sns.color_palette(PALETTE, len(names))))
-    fig, axes = _panels(2)
-    sns.lineplot(data=quality, x=x, y="value", hue="series", hue_order=names, ax=axes[0],
-                 palette=colours, marker="o", errorbar=("pi", 95))
-    axes[0].set(xlabel="train loops" if x == "train_loops" else "loops (fixed count)",
-                ylabel=label, title="Quality vs loop count")
-    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
-    _legend_outside(axes[0])
-    curve = quality.groupby(["series", x])["value"].mean().rename("quality").reset_index()
-    flops = _metric(fixed, "flops_per_token")
-    if not flops.empty:
-        curve = curve.join(flops.groupby(x)["value"].mean().rename("cost"), on=x)
-        scale, unit = (1e9, "GFLOPs") if curve["cost"].max() >= 1e9 else (1e6, "MFLOPs")
-        curve["cost"] = curve["cost"] / scale
-        cost_label = f"added compute ({unit} / token)"
-    else:
-        curve["cost"] = curve[x].astype(float)
-        cost_label = "added loops"
-    sign = -1.0 if metric == "bits_per_byte" else 1.0
-    for name in names:
-        part = curve[curve["series"] == name].sort_values(x)
-        gain = sign * part["quality"].diff() / part[x].astype(float).diff()  # per added loop
-        added = part["cost"].diff()
-        axes[1].plot(added, gain, marker="o", color=colours[name], label=name)
-        for prev, step, gx, gy in zip(part[x].iloc[:-1], part[x].iloc[1:], added.iloc[1:],
-                                      gain.iloc[1:]):
-            axes[1].annotate(f"{prev}→{step}", (gx, gy), fontsize="x-small", xytext=(3, 3),
-                             textcoords="offset points")
-    axes[1].axhline(0, color="0.6", linewidth=0.8)
-    axes[1].set(xlabel=cost_label, ylabel=f"marginal gain in {metric} per added loop",
-                title="Marginal gain vs added compute")
-    _legend_outside(axes[1])
-    return fig
-
-
-def fig_accuracy_vs_loops(results: pd.DataFrame) -> Figure:
-    """Quality against mean loops used (and FLOPs per token when recorded) for every controller,
-    with the fixed-count sweep drawn as a line for reference."""
-    validate_frame(results, ["controller", "budget", "metric", "value"])
-    metric, label = _quality(results)
-    index = [c for c in ("run", "arch", "train_loops", "controller", "budget", "split")
-             if c in results.columns]
-    wanted = [metric, "mean_loops", "flops_per_token"]
-    wide = (results[results["metric"].isin(wanted)]
-            .assign(value=lambda d: pd.to_numeric(d["value"], errors="coerce"))
-            .pivot_table(index=index, columns="metric", values="value", aggfunc="mean")
-            .reset_index())
-    if "mean_loops" not in wide.columns or metric not in wide.columns:
-        raise ValueError(f"fig_accuracy_vs_loops needs metrics {metric!r} and 'mean_loops'")
-    wide = wide.dropna(subset=[metric, "mean_loops"])
-    xs = [("mean_loops", "mean loops used")]
-    if "flops_per_token" in wide.columns and wide["flops_per_token"].notna().any():
-        scale, unit = (1e9, "GFLOPs") if wide["flops_per_token"].max() >= 1e9 else (1e6, "MFLOPs")
-        wide["compute"] = wide["flops_per_token"] / scale
-        xs.append(("compute", f"compute ({unit} / token)"))
-    keys = [k for k in ("arch", "objective", "train_loops", "split") if k in wide.columns]
-    wide["series"] = wide["controller"].astype(str)
-    if keys:
-        wide["series"] = wide["series"] + " · " + _series(wide, keys)
-    fig, axes = _panels(len(xs))
-    for ax, (column, x_label) in zip(axes, xs):
-        fixed = wide[wide["controller"] == "fixed"].sort_values(column)
-        runs = ["series", "run"] if "run" in fixed.columns else ["series"]
-        for (name, *_), part in fixed.groupby(runs):
-            ax.plot(part[column], part[metric], color="0.4", linestyle="--", linewidth=1,
-                    label=f"{name} sweep")
-        sns.scatterplot(data=wide, x=column, y=metric, hue="series", style="series", ax=ax,
-                        palette=PALETTE, s=50)
-        ax.set(xlabel=x_label, ylabel=label, title=f"{label.split(' (')[0]} vs {x_label}")
-        _legend_outside(ax)
-    return fig
+    sub = cell.subgridspec(1, len(models))
+    axes, image = [], None
+    for i, model in enumerate(models):
+        ax = fig.add_subplot(sub[0, i])
+        axes.append(ax)
+        matrix = cka[cka["model"] == model].pivot_table(index="loop", columns="other",
+                                                        values="value", aggfunc="mean")
+        if matrix.empty:
+            fs.empty_panel(ax)
+            continue
+        image = fs.matrix_image(ax, matrix, Normalize(vmin=0, vmax=1), most=6)
+        ax.set(xlabel="loop j", ylabel="loop i" if i == 0 else "",
+               title=f"CKA between loops: {labels[model]} · {split}")
+        if i:
+            ax.tick_params(labelleft=False)
+            ax.set_ylabel("loop i")
+    if image is not None:
+        fig.colorbar(image, ax=axes, label="linear CKA", shrink=0.8)
 
 
 FIGURES: dict[str, tuple[str, Callable[..., Figure]]] = {
@@ -417,6 +423,7 @@ FIGURES: dict[str, tuple[str, Callable[..., Figure]]] = {
     "heatmaps": ("traces", fig_heatmaps),
     "phase_portraits": ("traces", fig_phase_portraits),
     "verdicts": ("samples", fig_verdicts),
+    "depth_histograms": ("samples", fig_depth_histograms),
     "representation": ("results", fig_representation),
     "gain_cost": ("results", fig_gain_cost),
     "accuracy_vs_loops": ("results", fig_accuracy_vs_loops),
@@ -424,7 +431,7 @@ FIGURES: dict[str, tuple[str, Callable[..., Figure]]] = {
 
 
 def _tolerance(results: pd.DataFrame) -> float | None:
-    tol = _metric(results, "tolerance") if "metric" in results.columns else results.iloc[0:0]
+    tol = fs.metric(results, "tolerance") if "metric" in results.columns else results.iloc[0:0]
     return float(tol["value"].iloc[0]) if not tol.empty else None
 
 
