@@ -20,7 +20,7 @@ study: $(STAMP)
 	$(VENV)/bin/loopscope $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -33,6 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from experiments.errors import LoopscopeError
 from experiments.validate import ConfigError, ValidConfig, validate_config
 
 CONFIG_MODULE = "experiments.conf"
@@ -149,6 +150,10 @@ def _train_all(conf: dict[str, Any], valid: ValidConfig, out: Path, seed: int,
                 write_status(out, "failed", step=err.step, model=plan.run_id,
                              checkpoint=err.checkpoint, message=str(err))
             raise
+        except LoopscopeError as err:  # an unreadable or mismatched checkpoint: left as it is
+            if dist_info.is_main:
+                write_status(out, "failed", model=plan.run_id, message=str(err))
+            raise
     return trained
 
 
@@ -263,6 +268,11 @@ def _hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
         if multirun:
             raise
         print(f"loopscope: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except LoopscopeError as err:  # e.g. a corrupt or mismatched checkpoint in the run directory
+        print(f"loopscope: error: {err}", file=sys.stderr)
+        if multirun:  # keep the other jobs of the sweep going
+            return {"status": "failed", "message": str(err)}
         sys.exit(2)
     except TrainingFailed as err:
         print(f"loopscope: {err}", file=sys.stderr)

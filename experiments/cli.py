@@ -95,8 +95,10 @@ def diagnose_main(argv: Sequence[str] | None = None) -> None:
 def _load(prog: str, path: Path) -> tuple[Any, dict[str, Any]]:
     from models import load_model
 
-    if not path.is_file():
+    if not path.exists():
         _fail(prog, f"checkpoint {str(path)!r} does not exist (expected a model .safetensors)")
+    if not path.is_file():
+        _fail(prog, f"checkpoint {str(path)!r} is not a file (expected a model .safetensors)")
     try:
         model = load_model(path, map_location="cpu")
     except (ValueError, OSError, KeyError, RuntimeError) as err:

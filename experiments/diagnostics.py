@@ -205,12 +205,16 @@ def pca_portrait(states: Tensor, tail: int = 8, components: int = 2) -> Tensor:
 
     Returns:
         (K+1, B, T, components) coordinates; the axes are fitted on the pooled token states of
-        h_{K-tail+1}..h_K (all samples, all tokens), centred on their mean.
+        h_{K-tail+1}..h_K (all samples, all tokens; non-finite states are left out of the fit and
+        project to NaN), centred on their mean.
     """
     h = _trajectory(states)
     if tail < 1:
         raise ValueError(f"tail must be >= 1, got {tail!r}")
     fit = h[-min(tail, h.shape[0]):].reshape(-1, h.shape[-1])  # (tail*B*T, D)
+    fit = fit[torch.isfinite(fit).all(dim=1)]  # diverged states would break the SVD
+    if fit.shape[0] == 0:
+        return h.new_full((*h.shape[:-1], components), math.nan)
     mean = fit.mean(dim=0)
     _, _, vh = torch.linalg.svd(fit - mean, full_matrices=False)
     axes = vh[:components].T  # (D, c)

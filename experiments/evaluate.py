@@ -161,11 +161,19 @@ class _SplitEvaluator:
         correct, loss, lens = [], [], []
         for k in range(1, self.loops + 1):
             logits = self.model.readout(states[k].to(z.dtype), ctx).float()  # (B, T, V)
-            scores = self.task.score(logits, self.batch)
+            scores = self.score(logits)
             correct.append(scores["correct"].cpu())
             loss.append(scores["loss"].float().cpu())
             lens.append(logits[:n_lens].cpu())
         return Trajectory(states, ctx, torch.stack(correct), torch.stack(loss), torch.stack(lens))
+
+    def score(self, logits: Tensor) -> dict[str, Tensor]:
+        """The task's scores; a sample whose logits are not finite (diverged) is never correct
+        (argmax over NaN would pick an arbitrary token)."""
+        scores = dict(self.task.score(logits, self.batch))
+        finite = torch.isfinite(logits).flatten(start_dim=1).all(dim=1)  # (B,)
+        scores["correct"] = scores["correct"] & finite.to(scores["correct"].device)
+        return scores
 
     def classify(self, traj: Trajectory) -> dict[str, Any]:
         from fixedpoint import classify
@@ -182,19 +190,24 @@ class _SplitEvaluator:
         n = min(self.cfg["spectral_samples"], batch)
         if n == 0:
             return radius
-        rows = torch.arange(n, device=traj.states.device)
-        sub_ctx = traj.ctx.select(rows)
+        # A diverged trajectory has no Jacobian to speak of: its rows are evaluated at 0 instead
+        # (rows are independent, so the others' estimates are exactly those of a clean batch)
+        # and reported as NaN.
         final = traj.states[-1, :n].to(self.batch_dtype)
-        if not torch.isfinite(final).all():
-            return radius  # a diverged trajectory has no Jacobian to speak of
+        finite = torch.isfinite(final).flatten(start_dim=1).all(dim=1)  # (n,)
+        if not finite.any():
+            return radius
+        final = torch.where(finite.view(-1, *[1] * (final.dim() - 1)), final, 0.0)
+        sub_ctx = traj.ctx.select(torch.arange(n, device=final.device))
         step_k = self.loops  # the map applied after the last recorded step
 
         def step_map(z: Tensor) -> Tensor:
             return self.model.step(z, sub_ctx, step_k)
 
         with torch.enable_grad():
-            radius[:n] = spectral_radius(step_map, final, self.cfg["spectral_iters"],
-                                         method="vjp").float().cpu()
+            estimate = spectral_radius(step_map, final, self.cfg["spectral_iters"],
+                                       method="vjp").float().cpu()
+        radius[:n] = torch.where(finite.cpu(), estimate, math.nan)
         return radius
 
     @property
@@ -234,9 +247,10 @@ class _SplitEvaluator:
         return classify(traj.states[: budget + 1].cpu())
 
     def _quality_values(self, correct: Tensor, loss: Tensor) -> dict[str, float]:
-        values = {"loss": float(loss.mean())}
+        finite = loss[torch.isfinite(loss)]  # diverged samples show in share_diverging instead
+        values = {"loss": float(finite.mean()) if finite.numel() else math.nan}
         if self.quality == "bits_per_byte":
-            values["bits_per_byte"] = float(loss.mean()) / math.log(2)
+            values["bits_per_byte"] = values["loss"] / math.log(2)
         else:
             values["accuracy"] = float(correct.float().mean())
         return values
@@ -245,9 +259,13 @@ class _SplitEvaluator:
     def diagnostic_rows(self, traj: Trajectory) -> None:
         from experiments.diagnostics import logit_lens_kl, per_loop_table
 
-        attention = self._attention()
+        # samples that diverged would make every batch mean NaN: they are left out here and
+        # show up as the `diverging` verdict instead
+        finite = torch.isfinite(traj.states).flatten(start_dim=2).all(dim=2).all(dim=0).cpu()
+        attention = self._attention(finite)
         table = per_loop_table(traj.states.cpu(), attention=attention)
-        lens = logit_lens_kl(traj.lens_logits, traj.lens_logits[-1])
+        logits = traj.lens_logits[:, finite[: traj.lens_logits.shape[1]]]  # (K, n', T, V)
+        lens = logit_lens_kl(logits, logits[-1]) if logits.shape[1] else torch.empty(0)
         extra = [(k + 1, "logit_lens_kl", float(v)) for k, v in enumerate(lens.tolist())]
         extra += [(k + 1, "accuracy_at_loop", float(c.float().mean()))
                   for k, c in enumerate(traj.correct)]  # loops 1..K of the unrolled trajectory
@@ -255,16 +273,18 @@ class _SplitEvaluator:
         self._add_results([("fixed", self.loops, int(r.loop), r.metric, float(r.value))
                            for r in table.itertuples()])
 
-    def _attention(self) -> list[dict[str, Any]] | None:
+    def _attention(self, finite: Tensor) -> list[dict[str, Any]] | None:
         n = min(self.cfg["attention_samples"], self.batch.tokens.shape[0])
-        if n == 0:
+        keep = finite[:n]  # (n,) samples whose trajectory stayed finite
+        if n == 0 or not keep.any():
             return None
         with torch.no_grad():
             ctx = self.model.prepare(self.batch.tokens[:n], capture_attention=True)
             z = self.model.init_state(ctx)
             for k in range(min(self.loops, self.sweep)):
                 z = self.model.step(z, ctx, k)
-        return [dict(entry, probs=entry["probs"].float().cpu()) for entry in ctx.attention or []]
+        return [dict(entry, probs=entry["probs"].float().cpu()[keep])  # (n', H, T, T)
+                for entry in ctx.attention or []]
 
     def trajectory_traces(self, traj: Trajectory) -> None:
         from experiments.diagnostics import distance_to_final, pca_portrait, relative_residual
@@ -305,7 +325,7 @@ class _SplitEvaluator:
         with torch.no_grad():
             out = run_loop(self.model, tokens, controller, max_loops=budget,
                            granularity=self.granularity, record=True)
-        scores = self.task.score(out.logits.float(), self.batch)
+        scores = self.score(out.logits.float())
         depth = out.depth if out.depth.dim() == 1 else out.depth.max(dim=1).values
         depth = depth.cpu()
         values = self._quality_values(scores["correct"].cpu(), scores["loss"].float().cpu())

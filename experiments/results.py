@@ -113,12 +113,32 @@ def job_dirs(sweep_dir: str | os.PathLike) -> list[Path]:
     return sorted(jobs, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
 
 
+def expected_jobs(sweep_dir: str | os.PathLike) -> int | None:
+    """How many jobs the sweep in ``multirun.yaml`` launches (the cartesian product of its sweep
+    overrides, as Hydra's basic sweeper runs them); None when that cannot be read."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    try:
+        saved = OmegaConf.load(Path(sweep_dir) / "multirun.yaml")
+        overrides = list(OmegaConf.select(saved, "hydra.overrides.task") or [])
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # absent, unreadable, or an override this version cannot parse
+        return None
+    count = 1
+    for override in parsed:
+        if override.is_sweep_override():
+            count *= len(list(override.sweep_string_iterator()))
+    return count
+
+
 def collect(sweep_dir: str | os.PathLike, table: str = "results"
             ) -> tuple[pd.DataFrame, list[str]]:
     """Concatenate ``<table>.parquet`` of every job in a multirun, with a ``job`` column.
 
-    Never fails on a partial sweep: jobs without the file (unfinished, crashed) or with an
-    unreadable one are returned by name in ``missing``.
+    Never fails on a partial sweep: jobs without the file (unfinished, crashed), with an
+    unreadable one, or never started (counted from the sweep in ``multirun.yaml``) are returned
+    by name in ``missing``.
 
     Returns:
         ``(frame, missing)``; ``frame`` is empty (schema columns + ``job``) when no job finished.
@@ -141,6 +161,8 @@ def collect(sweep_dir: str | os.PathLike, table: str = "results"
             missing.append(job.name)
             continue
         frames.append(frame.assign(job=job.name))
+    started = {job.name for job in jobs}
+    missing += [str(n) for n in range(expected_jobs(sweep_dir) or 0) if str(n) not in started]
     if not frames:
         columns = RESULTS_COLUMNS if table == "results" else []
         return pd.DataFrame(columns=[*columns, "job"]), missing

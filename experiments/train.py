@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from experiments.errors import CheckpointError, one_line
 from experiments.results import atomic_write_text
 
 STATUS_FILE = "status.json"
@@ -196,6 +197,9 @@ class _Trainer:
         torch.manual_seed(seed)
         self.model = build_model(dict(plan.model_fields)).to(device)
         self.controller = build_controller(dict(plan.controller_cfg)).to(device)
+        # bind first: q_halt creates its Q-head here, and the optimiser and a resumed checkpoint
+        # must both see it
+        self.controller.bind(self.model)
         self.params = [p for p in [*self.model.parameters(), *self.controller.parameters()]
                        if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -362,22 +366,51 @@ class _Trainer:
         pointer = self.ckpt_root / "latest"
         if not pointer.exists():
             return
+        directory = self.ckpt_root / pointer.read_text().strip()
+        self._load_weights(directory / "model.safetensors")
+        state = self._load_pickle(directory / "state.pt")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.controller.load_state_dict(state["controller"])
+            self.data_gen.set_state(state["data_gen"])
+            self.depth_gen.set_state(state["depth_gen"])
+            torch.set_rng_state(state["torch_rng"])
+            if state["cuda_rng"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            self.step, self.history = state["step"], list(state["history"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as err:
+            raise CheckpointError(f"cannot resume from {str(directory)!r}: {one_line(err)}; "
+                                  f"{self._remedy()}") from None
+        self.last_ckpt = self.resumed_from = self.step
+
+    def _remedy(self) -> str:
+        return (f"re-run with a new out_dir, or delete {str(self.model_dir)!r} to retrain "
+                "this model")
+
+    def _load_weights(self, path: Path) -> None:
+        """Load a saved model into ``self.model``; ``CheckpointError`` if unreadable or if it was
+        written for another model config (nothing on disk is touched)."""
         from models import load_model
 
-        directory = self.ckpt_root / pointer.read_text().strip()
-        loaded = load_model(directory / "model.safetensors", map_location=self.device)
+        try:
+            loaded = load_model(path, map_location=self.device)
+        except (ValueError, OSError, KeyError) as err:
+            raise CheckpointError(f"{one_line(err)}; {self._remedy()}") from None
+        saved, wanted = loaded.config.to_dict(), self.model.config.to_dict()
+        diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        if diff:
+            fields = ", ".join(f"{k}={saved.get(k)!r} (config: {wanted.get(k)!r})" for k in diff)
+            raise CheckpointError(f"checkpoint {str(path)!r} was written for another model "
+                                  f"config: {fields}; {self._remedy()}")
         self.model.load_state_dict(loaded.state_dict())
-        state = torch.load(directory / "state.pt", map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.controller.load_state_dict(state["controller"])
-        self.data_gen.set_state(state["data_gen"])
-        self.depth_gen.set_state(state["depth_gen"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.step, self.history = state["step"], list(state["history"])
-        self.last_ckpt = self.resumed_from = self.step
+
+    def _load_pickle(self, path: Path) -> dict[str, Any]:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # torch.load raises many types for truncated/corrupt files
+            raise CheckpointError(f"cannot read {str(path)!r} (truncated or corrupt?): "
+                                  f"{one_line(err)}; {self._remedy()}") from None
 
     def _save_final(self) -> None:
         if not self.info.is_main:
@@ -400,13 +433,14 @@ class _Trainer:
 
     def load_finished(self, status: dict[str, Any]) -> TrainResult:
         """Reload a model whose training finished earlier (another process or invocation)."""
-        from models import load_model
-
-        loaded = load_model(self.final_path, map_location=self.device)
-        self.model.load_state_dict(loaded.state_dict())
-        extra = torch.load(self.model_dir / "controller.pt", map_location=self.device,
-                           weights_only=False)
-        self.controller.load_state_dict(extra["controller"])
-        info = json.loads((self.model_dir / "train.json").read_text())
+        self._load_weights(self.final_path)
+        extra = self._load_pickle(self.model_dir / "controller.pt")
+        try:
+            self.controller.load_state_dict(extra["controller"])
+            info = json.loads((self.model_dir / "train.json").read_text())
+        except (KeyError, ValueError, RuntimeError, OSError) as err:
+            raise CheckpointError(f"cannot reload the finished model in "
+                                  f"{str(self.model_dir)!r}: {one_line(err)}; "
+                                  f"{self._remedy()}") from None
         return TrainResult(self.plan, self.model, self.controller, info["history"],
                            resumed_from=info.get("resumed_from"))

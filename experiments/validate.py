@@ -27,6 +27,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.errors import LoopscopeError
+
 TOP_KEYS = ("seed", "out_dir", "threads", "model", "controller", "task", "study", "train", "eval")
 GRANULARITIES = ("sample", "token")
 SPLITS = ("train", "val", "hard")
@@ -34,7 +36,7 @@ SPLITS = ("train", "val", "hard")
 TASK_MODEL_FIELDS = ("vocab_size", "max_seq_len")
 
 
-class ConfigError(ValueError):
+class ConfigError(LoopscopeError):
     """A configuration problem, reported as one line (exit status 2)."""
 
 
@@ -80,7 +82,7 @@ INF = float("inf")
 TRAIN_RULES: dict[str, Rule] = {
     "steps": _int(1),
     "batch_size": _int(1),
-    "lr": _num(0, INF, low_open=True),
+    "lr": _num(0, INF, low_open=True, high_open=True),
     "weight_decay": _num(0, INF),
     "beta1": _num(0, 1, high_open=True),
     "beta2": _num(0, 1, high_open=True),

@@ -254,6 +254,9 @@ class Problem:
                 f"f must return the shape of its input: expected {tuple(z.shape)}, "
                 f"received {tuple(fz.shape)}"
             )
+        if fz.device != z.device:
+            raise ValueError(f"f must return a tensor on its input's device: expected {z.device}, "
+                             f"received {fz.device}")
         self.evaluations += z.shape[0]
         return fz if fz.dtype == z.dtype else fz.to(z.dtype)
 

@@ -26,7 +26,9 @@ from fixedpoint.problem import STATUS_NAMES, Problem, Solution, row_caller
 from fixedpoint.registry import Registry
 from fixedpoint.solvers import anderson, broyden, fixed_point_iter
 
-__all__ = ["SOLVERS", "STATUS_NAMES", "Problem", "Solution", "register_solver", "solve"]
+__all__ = [
+    "NOT_UNROLLABLE", "SOLVERS", "STATUS_NAMES", "Problem", "Solution", "register_solver", "solve",
+]
 
 SolverFn = Callable[..., Solution]
 SOLVERS: Registry[SolverFn] = Registry("solver")
@@ -40,7 +42,7 @@ STOP_MODES = ("abs", "rel")
 BACKWARDS = ("implicit", "phantom", "one_step", "unroll")
 # Solvers whose forward pass writes history buffers in place (or detaches, like torchdeq's):
 # autograd cannot record them, so backward="unroll" refuses them.
-_NOT_UNROLLABLE = ("anderson", "broyden", "torchdeq.")
+NOT_UNROLLABLE = ("anderson", "broyden", "torchdeq.")
 
 
 def register_solver(name: str, fn: SolverFn) -> SolverFn:
@@ -69,6 +71,8 @@ def _validate(f: Any, z0: Any, tol: Any, max_iter: Any, stop_mode: Any, backward
             f"z0 must be a floating tensor of shape (B, ...), got shape {tuple(z0.shape)} "
             f"dtype {z0.dtype}"
         )
+    if z0.shape[0] > 0 and z0[0].numel() == 0:
+        raise ValueError(f"z0 must have at least one value per sample, got shape {tuple(z0.shape)}")
     if not _is_number(tol) or not (tol > 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
@@ -168,7 +172,7 @@ def solve(
                 "record": record, "return_best": return_best, "diverge_factor": diverge_factor}
     SOLVERS.get(solver)  # unknown name -> KeyError before any work
     if backward == "unroll":
-        if solver.startswith(_NOT_UNROLLABLE):
+        if solver.startswith(NOT_UNROLLABLE):
             raise ValueError(
                 f"backward='unroll' records the forward iterations with autograd; solver "
                 f"{solver!r} updates its history in place. Use solver='fixed_point_iter' "

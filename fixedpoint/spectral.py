@@ -46,9 +46,19 @@ def whole_batch(f: Map) -> Callable[[Tensor], Tensor]:
         takes_rows = "rows" in inspect.signature(f).parameters
     except (TypeError, ValueError):  # builtins without a signature
         takes_rows = False
-    if takes_rows:
-        return lambda z: f(z, rows=None)
-    return f
+    call = (lambda z: f(z, rows=None)) if takes_rows else f
+
+    def checked(z: Tensor) -> Tensor:
+        out = call(z)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"f must return a Tensor, got {type(out).__name__}")
+        if out.shape != z.shape or out.device != z.device:
+            raise ValueError(f"f must return its input's shape and device: expected "
+                             f"{tuple(z.shape)} on {z.device}, received {tuple(out.shape)} on "
+                             f"{out.device}")
+        return out
+
+    return checked
 
 
 def _sample_norm(x: Tensor) -> Tensor:
@@ -157,6 +167,8 @@ def spectral_radius(
         raise ValueError(f"period must be an int >= 1, got {period!r}")
     if not isinstance(z, Tensor) or z.dim() < 1 or z.shape[0] == 0:
         raise ValueError(f"z must be a (B, ...) tensor with B >= 1, got {getattr(z, 'shape', z)}")
+    if not z.is_floating_point():
+        raise TypeError(f"z must be a floating-point tensor, got dtype {z.dtype}")
     g = _compose(whole_batch(f), period)
     z = z.detach()
     v = _random_unit(z, generator)
@@ -248,6 +260,8 @@ def lyapunov_exponent(
     if not isinstance(z0, Tensor) or z0.dim() < 1 or z0.shape[0] == 0:
         got = getattr(z0, "shape", z0)
         raise ValueError(f"z0 must be a (B, ...) tensor with B >= 1, got {got}")
+    if not z0.is_floating_point():
+        raise TypeError(f"z0 must be a floating-point tensor, got dtype {z0.dtype}")
     g = whole_batch(f)
     z0 = z0.detach()
     v = _random_unit(z0, generator)

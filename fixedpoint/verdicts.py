@@ -212,6 +212,9 @@ def _flatten(states: Tensor, per_token: bool) -> tuple[Tensor, tuple[int, ...]]:
         raise ValueError(f"states must be {what}, got shape {tuple(states.shape)}")
     if states.shape[0] < 8:
         raise ValueError(f"need K >= 8 states to classify a trajectory, got K={states.shape[0]}")
+    if states.numel() == 0:
+        raise ValueError(f"states must hold at least one sample with at least one value, got "
+                         f"shape {tuple(states.shape)}")
     shape = tuple(states.shape[1:3]) if per_token else (states.shape[1],)
     k, n = states.shape[0], math.prod(shape)
     work = torch.float64 if states.dtype == torch.float64 else torch.float32

@@ -235,6 +235,22 @@ class PonderNet(GeometricHalting):
             self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[key]
 
+    def get_extra_state(self) -> dict[str, Any]:
+        """The sampling generators' states travel with ``state_dict`` (checkpoints), so a resumed
+        run samples exactly as an uninterrupted one."""
+        return {"generators": {key: g.get_state() for key, g in self._generators.items()}}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._generators = {}
+        saved = state.get("generators", {}) if isinstance(state, dict) else {}
+        for key, generator_state in saved.items():
+            try:
+                generator = torch.Generator(device=key)
+            except RuntimeError:  # saved on a device this machine lacks: start afresh there
+                continue
+            generator.set_state(generator_state)
+            self._generators[key] = generator
+
     def eval_stop(self, lam: Tensor, cdf: Tensor) -> Tensor:
         if self.inference == "sample":
             return torch.bernoulli(lam, generator=self._generator(lam.device)).bool()

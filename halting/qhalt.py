@@ -126,6 +126,19 @@ class QHalt(LoopController):
         minimum = torch.randint(2, max_loops + 1, (batch,), generator=self._generator)
         return torch.where(explore, minimum, 1).to(device)
 
+    def get_extra_state(self) -> dict[str, Any]:
+        """The exploration generator's state travels with ``state_dict`` (checkpoints), so a
+        resumed training run draws the same exploration depths as an uninterrupted one."""
+        return {"generator": None if self._generator is None else self._generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("generator") if isinstance(state, dict) else None
+        if saved is None:
+            self._generator = None
+        else:
+            self._generator = torch.Generator()
+            self._generator.set_state(saved)
+
     def finish(self, out: LoopOutput) -> None:
         if not self.training:
             return

@@ -59,6 +59,14 @@ class SolverController(LoopController):
             check_range("solver: max_iter", max_iter, 1, float("inf"), integer=True)
         check_choice("solver: backward", backward, BACKWARDS)
         check_choice("solver: stop_mode", stop_mode, STOP_MODES)
+        from fixedpoint.solve import NOT_UNROLLABLE, SOLVERS
+
+        if solver not in SOLVERS:
+            raise KeyError(f"solver: unknown solver {solver!r}; known: {', '.join(SOLVERS)}")
+        if backward == "unroll" and solver.startswith(NOT_UNROLLABLE):
+            raise ValueError(f"solver: backward='unroll' cannot record solver {solver!r} "
+                             "(it updates its history in place); use solver=fixed_point_iter "
+                             f"or another backward of {BACKWARDS}")
         self.solver, self.tol, self.max_iter = solver, tol, max_iter
         self.backward, self.stop_mode = backward, stop_mode
         self.solver_kwargs = dict(solver_kwargs or {})
