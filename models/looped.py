@@ -92,6 +92,10 @@ class TransformerLoop(LoopedModel):
             raise ValueError(f"tokens must be non-empty (B, T), got shape {tuple(tokens.shape)}")
         if seq > cfg.max_seq_len:
             raise ValueError(f"sequence length T={seq} exceeds max_seq_len={cfg.max_seq_len}")
+        device = self.embed.weight.device
+        if tokens.device != device:
+            raise ValueError(f"tokens are on device {tokens.device} but the model is on {device}; "
+                             "move them with tokens.to(device)")
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= cfg.vocab_size:
             bad = low if low < 0 else high
@@ -133,12 +137,15 @@ class TransformerLoop(LoopedModel):
         self._check_step(z, ctx, k, active)
         if active is None:
             return self._step(z, ctx, k, None)
-        if bool(active.all()):  # same computation as the common path, bit for bit
+        per_row = active.sum(dim=1)  # (B,)
+        fewest, most = torch.stack(torch.aminmax(per_row)).tolist()  # the one host sync
+        if fewest == active.shape[1]:  # all active: the common path, bit for bit
             return self._step(z, ctx, k, None)
-        if not bool(active.any()):
+        if most == 0:
             return z
         self._require_frozen_kv(ctx, k)
-        pack = TokenPack.from_mask(active) if self.pack_tokens else TokenPack.dense(active)
+        pack = (TokenPack.from_mask(active, (fewest, most)) if self.pack_tokens
+                else TokenPack.dense(active))
         return self._step(z, ctx, k, pack)
 
     def _step(self, z: Tensor, ctx: LoopContext, k: int, pack: TokenPack | None) -> Tensor:
@@ -222,9 +229,11 @@ class TransformerLoop(LoopedModel):
         use_math = self.config.attention == "math"
         record = self._recorder(ctx, k, layer, kind, pack)
         seq = keys.shape[2]
-        if pack is not None:
-            return attend(q, keys, values, mask=pack.key_mask(seq, window), use_math=use_math,
-                          record=record)
+        if pack is not None:  # masks built once per step; additive for the fused kernel
+            if use_math or record is not None:
+                return attend(q, keys, values, mask=pack.key_mask(seq, window), use_math=True,
+                              record=record)
+            return attend(q, keys, values, mask=pack.additive_mask(seq, window, q.dtype))
         if window_mask is not None:
             return attend(q, keys, values, mask=window_mask, use_math=use_math, record=record)
         if use_math or record is not None:
