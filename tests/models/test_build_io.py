@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, tiny, tokens
+from _tiny_models import TINY, tiny, tokens
 
 from models import (
     ARCH_REGISTRY,

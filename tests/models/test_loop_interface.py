@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run, tiny, tokens
+from _tiny_models import run, tiny, tokens
 from torch.func import jvp
 
 LOOPS = (1, 2, 3, 4)

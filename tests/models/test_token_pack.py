@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny, tokens
+from _tiny_models import tiny, tokens
 
 from models.layers import TokenPack
 

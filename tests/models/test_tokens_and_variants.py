@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import run, tiny, tokens
+from _tiny_models import run, tiny, tokens
 
 MASK = torch.tensor([[1, 1, 0, 1, 0, 0, 1, 1, 0, 1],
                      [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
