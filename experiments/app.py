@@ -33,7 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from experiments.errors import LoopscopeError
+from experiments.errors import FAILED_EXIT, USAGE_EXIT, LoopscopeError, fail
 from experiments.validate import ConfigError, ValidConfig, validate_config
 
 CONFIG_MODULE = "experiments.conf"
@@ -267,18 +267,17 @@ def _hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
     except ConfigError as err:
         if multirun:
             raise
-        print(f"loopscope: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail("loopscope", str(err))
     except LoopscopeError as err:  # e.g. a corrupt or mismatched checkpoint in the run directory
         print(f"loopscope: error: {err}", file=sys.stderr)
         if multirun:  # keep the other jobs of the sweep going
             return {"status": "failed", "message": str(err)}
-        sys.exit(2)
+        sys.exit(USAGE_EXIT)
     except TrainingFailed as err:
         print(f"loopscope: {err}", file=sys.stderr)
         if multirun:  # keep the other jobs of the sweep going; status.json records it
             return {"status": "failed", "step": err.step, "message": str(err)}
-        sys.exit(1)
+        sys.exit(FAILED_EXIT)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -286,8 +285,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     error = preflight(args)
     if error:
-        print(f"loopscope: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        fail("loopscope", error)
     sys.argv = [sys.argv[0] if sys.argv else "loopscope", *args]
     _hydra_main()
 

@@ -19,18 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import torch
 
-
-def _fail(prog: str, message: str) -> NoReturn:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    sys.exit(2)
+from experiments.errors import fail, one_line
 
 
 # -- loopscope-plot --------------------------------------------------------------------------------
@@ -43,7 +39,7 @@ def plot_main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        _fail(prog, f"{str(run_dir)!r} is not a directory")
+        fail(prog, f"{str(run_dir)!r} is not a directory")
     from experiments.figures import draw_all
     from experiments.report import write_report
 
@@ -52,17 +48,12 @@ def plot_main(argv: Sequence[str] | None = None) -> None:
         written = draw_all(run_dir, skipped=skipped)
         report = write_report(run_dir)
     except (ValueError, OSError) as err:
-        _fail(prog, f"{str(run_dir)!r} is not a readable loopscope run: {_first_line(err)}")
+        fail(prog, f"{str(run_dir)!r} is not a readable loopscope run: {one_line(err)}")
     for path in written:
         print(path)
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}")
     print(report)
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 # -- loopscope-diagnose ----------------------------------------------------------------------------
@@ -80,9 +71,9 @@ def diagnose_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.loops is not None and args.loops < 8:
-        _fail(prog, f"--loops must be >= 8 to classify a trajectory, got {args.loops}")
+        fail(prog, f"--loops must be >= 8 to classify a trajectory, got {args.loops}")
     if args.batch < 1:
-        _fail(prog, f"--batch must be >= 1, got {args.batch}")
+        fail(prog, f"--batch must be >= 1, got {args.batch}")
     model, meta = _load(prog, Path(args.checkpoint))
     task = _task(prog, args.task, meta, model)
     loops = args.loops or max(32, 4 * int(meta.get("loops", 8)))
@@ -96,13 +87,13 @@ def _load(prog: str, path: Path) -> tuple[Any, dict[str, Any]]:
     from models import load_model
 
     if not path.exists():
-        _fail(prog, f"checkpoint {str(path)!r} does not exist (expected a model .safetensors)")
+        fail(prog, f"checkpoint {str(path)!r} does not exist (expected a model .safetensors)")
     if not path.is_file():
-        _fail(prog, f"checkpoint {str(path)!r} is not a file (expected a model .safetensors)")
+        fail(prog, f"checkpoint {str(path)!r} is not a file (expected a model .safetensors)")
     try:
         model = load_model(path, map_location="cpu")
     except (ValueError, OSError, KeyError, RuntimeError) as err:
-        _fail(prog, f"cannot load checkpoint {str(path)!r}: {_first_line(err)}")
+        fail(prog, f"cannot load checkpoint {str(path)!r}: {one_line(err)}")
     return model.eval(), _plan_beside(path)
 
 
@@ -128,16 +119,16 @@ def _task(prog: str, name: str | None, meta: dict[str, Any], model: Any) -> Any:
     from experiments.tasks import build_task
 
     if name is None and not meta.get("task_cfg"):
-        _fail(prog, "no train.json or run.json beside the checkpoint says which task it was "
+        fail(prog, "no train.json or run.json beside the checkpoint says which task it was "
               "trained on; pass --task NAME")
     cfg = {"name": name} if name else dict(meta["task_cfg"])
     try:
         task = build_task(cfg.pop("name"), **cfg)
     except (KeyError, ValueError, TypeError) as err:
-        _fail(prog, f"task: {_first_line(err)}")
+        fail(prog, f"task: {one_line(err)}")
     config = model.config
     if task.vocab_size > config.vocab_size or task.seq_len > config.max_seq_len:
-        _fail(prog, f"task {task.name!r} (vocab {task.vocab_size}, length {task.seq_len}) does "
+        fail(prog, f"task {task.name!r} (vocab {task.vocab_size}, length {task.seq_len}) does "
               f"not fit the model (vocab {config.vocab_size}, max length {config.max_seq_len})")
     return task
 
