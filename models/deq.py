@@ -32,7 +32,7 @@ from torchdeq.norm import apply_norm, reset_norm
 
 from models.base import LoopContext
 from models.config import ModelConfig
-from models.layers import RMSNorm, TokenPack
+from models.layers import RMSNorm
 from models.looped import ARCH_REGISTRY, TransformerLoop
 
 _TORCHDEQ_NORMS = {"weight": "weight_norm", "spectral": "spectral_norm"}
@@ -88,16 +88,5 @@ class DEQ(TransformerLoop):
     def init_state(self, ctx: LoopContext) -> Tensor:
         return torch.zeros_like(ctx.inject)
 
-    def _loop_input(
-        self, z: Tensor, inject: Tensor, ctx: LoopContext, k: int, pack: TokenPack | None
-    ) -> Tensor:
-        z = z if pack is None else pack.gather(z)
-        if self.adapter is None:
-            return z + inject
-        return self.adapter(torch.cat((z, inject.to(z.dtype)), dim=-1))  # (B, T, 2D) -> (B, T, D)
-
     def _loop_output(self, x: Tensor, y: Tensor, inject: Tensor, k: int) -> Tensor:
         return inject + (y - x)
-
-    def _extra_macs(self, k: int) -> float:
-        return 2.0 * self.config.d_model**2 if self.adapter is not None else 0.0

@@ -158,7 +158,16 @@ class TransformerLoop(LoopedModel):
     def _loop_input(
         self, z: Tensor, inject: Tensor, ctx: LoopContext, k: int, pack: TokenPack | None
     ) -> Tensor:
-        raise NotImplementedError
+        """Input injection (``config.injection``): ``add`` gives z + e, ``concat`` Huginn's adapter
+        Linear([z; e]) (an ``adapter`` attribute built by the subclass), ``none`` z itself."""
+        z = z if pack is None else pack.gather(z)
+        mode = self.config.injection
+        if mode == "add":
+            return z + inject
+        if mode == "concat":
+            both = torch.cat((z, inject.to(z.dtype)), dim=-1)  # (B, T, 2D)
+            return self.adapter(both)  # (B, T, D)
+        return z
 
     def _loop_output(self, x: Tensor, y: Tensor, inject: Tensor, k: int) -> Tensor:
         raise NotImplementedError
@@ -287,4 +296,4 @@ class TransformerLoop(LoopedModel):
 
     def _extra_macs(self, k: int) -> float:
         """Multiply-adds per token of the step outside the layer stack (adapters, gates)."""
-        return 0.0
+        return 2.0 * self.config.d_model**2 if getattr(self, "adapter", None) is not None else 0.0

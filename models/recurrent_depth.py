@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from models.base import LoopContext
 from models.config import ModelConfig
-from models.layers import RMSNorm, TokenPack
+from models.layers import RMSNorm
 from models.looped import ARCH_REGISTRY, TransformerLoop
 
 
@@ -50,19 +50,8 @@ class RecurrentDepth(TransformerLoop):
             return state
         return nn.init.trunc_normal_(state, 0.0, scale, -3 * scale, 3 * scale, generator=generator)
 
-    def _loop_input(
-        self, z: Tensor, inject: Tensor, ctx: LoopContext, k: int, pack: TokenPack | None
-    ) -> Tensor:
-        z = z if pack is None else pack.gather(z)
-        if self.adapter is None:
-            return z + inject
-        return self.adapter(torch.cat((z, inject.to(z.dtype)), dim=-1))  # (B, T, 2D) -> (B, T, D)
-
     def _loop_output(self, x: Tensor, y: Tensor, inject: Tensor, k: int) -> Tensor:
         return self.core_norm(y)
 
     def readout(self, z: Tensor, ctx: LoopContext) -> Tensor:
         return self.lm_head(self.final_norm(self._run_plain(self.coda, z, ctx, "coda")))
-
-    def _extra_macs(self, k: int) -> float:
-        return 2.0 * self.config.d_model**2 if self.adapter is not None else 0.0

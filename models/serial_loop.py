@@ -41,12 +41,7 @@ class SerialLoop(TransformerLoop):
     def _loop_input(
         self, z: Tensor, inject: Tensor, ctx: LoopContext, k: int, pack: TokenPack | None
     ) -> Tensor:
-        z = z if pack is None else pack.gather(z)
-        mode = self.config.injection
-        if mode == "add":
-            z = z + inject
-        elif mode == "concat":
-            z = self.adapter(torch.cat((z, inject.to(z.dtype)), dim=-1))  # (B, T, 2D) -> (B, T, D)
+        z = super()._loop_input(z, inject, ctx, k, pack)
         if self.loop_embed is not None:
             index = min(k, self.config.max_loop_embeddings - 1)
             z = z + self.loop_embed.weight[index].to(z.dtype)
@@ -54,6 +49,3 @@ class SerialLoop(TransformerLoop):
 
     def _loop_output(self, x: Tensor, y: Tensor, inject: Tensor, k: int) -> Tensor:
         return self.loop_norm(y)
-
-    def _extra_macs(self, k: int) -> float:
-        return 2.0 * self.config.d_model**2 if self.adapter is not None else 0.0
