@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_module
+from _app_helpers import compose_cfg
 
 from experiments.app import job_seed, run
 from experiments.figures import FIGURES
@@ -30,11 +30,6 @@ EXPERIMENTS = {
     "loopcoder": SMALL + ["eval.budgets=[4]", "study.train_loops=[1,2]", "task.seq_len=16",
                           "model.window=8", "model.d_model=32"],
 }
-
-
-def compose_cfg(overrides: list[str]):
-    with initialize_config_module("experiments.conf", version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 @pytest.fixture(scope="module")

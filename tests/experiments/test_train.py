@@ -13,23 +13,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from _app_helpers import ROOT, TINY, compose_cfg
 
 import halting
 from experiments.app import plan_models, run
 from experiments.train import TrainingFailed, _Trainer, lr_factor, train_model
 from experiments.validate import validate_config
-
-ROOT = Path(__file__).resolve().parents[2]
-# one tiny fixed-loop model, evaluation kept minimal: the training path is what is tested
-TINY = ["experiment=smoke", "study.train_loops=[2]", "~study.learned.ouro_gate",
-        "~eval.controllers.solver", "eval.figures=false", "eval.attention_samples=0",
-        "train.steps=8", "train.checkpoint_every=3", "train.eval_every=4"]
-
-
-def compose_cfg(overrides: list[str]):
-    with initialize_config_module("experiments.conf", version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def first_plan(overrides: list[str]):

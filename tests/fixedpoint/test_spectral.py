@@ -11,15 +11,6 @@ import torch.nn.functional as F
 from fixedpoint.spectral import lyapunov_exponent, spectral_radius
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: extra intra-op threads only add contention on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rotation(angle: float, scale: float = 1.0) -> torch.Tensor:
     c, s = math.cos(angle), math.sin(angle)
     return scale * torch.tensor([[c, -s], [s, c]])

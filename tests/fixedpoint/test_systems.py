@@ -12,14 +12,6 @@ from fixedpoint.systems import SYSTEMS, System, all_systems, get_system, traject
 from fixedpoint.verdicts import LABELS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_suite_covers_every_label_but_aperiodic():
     labels = {system.label for system in all_systems()}
     assert labels == set(LABELS) - {"aperiodic"}

@@ -17,13 +17,6 @@ K = 256
 SUITE = all_systems()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def without_map(label: str) -> str:
     return "aperiodic" if label in ("chaotic", "quasi_periodic") else label

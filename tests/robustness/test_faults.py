@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from _app_helpers import ROOT, TINY, compose_cfg
 
 import halting
 from experiments.app import main, plan_models, run
@@ -29,16 +29,6 @@ from experiments.results import atomic_write_text
 from experiments.train import TrainingFailed, TrainResult, _Trainer
 from experiments.validate import validate_config
 from models import build_model
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ["experiment=smoke", "study.train_loops=[2]", "~study.learned.ouro_gate",
-        "~eval.controllers.solver", "eval.figures=false", "eval.attention_samples=0",
-        "train.steps=8", "train.checkpoint_every=3", "train.eval_every=4"]
-
-
-def compose_cfg(overrides: list[str]):
-    with initialize_config_module("experiments.conf", version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:

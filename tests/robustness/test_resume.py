@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_module
+from _app_helpers import compose_cfg
 
 from experiments.app import job_seed, run
 from experiments.results import collect
@@ -117,11 +117,6 @@ def test_collect_names_killed_and_never_started_jobs(tmp_path):
     collected, missing = collect(sweep)
     assert set(collected["job"]) == {"0"}
     assert missing == ["1", "2", "3"]  # 2 x 2 jobs: job 1 unreadable, jobs 2 and 3 never started
-
-
-def compose_cfg(overrides: list[str]):
-    with initialize_config_module("experiments.conf", version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def test_same_config_and_seed_give_identical_results_and_job_seeds_differ(tmp_path):
