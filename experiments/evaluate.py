@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from experiments.schema import RESULTS_COLUMNS, SAMPLES_COLUMNS, TRACES_COLUMNS
+from experiments.tasks import Batch
 
 RESIDUAL_TRACE_SAMPLES = 64  # samples whose per-loop residual trace is stored per run
 MIN_CLASSIFY_STATES = 8
@@ -97,10 +98,25 @@ def evaluate_model(trained: Any, task: Any, eval_cfg: dict[str, Any], seed: int,
     for split in eval_cfg["splits"]:
         torch.manual_seed(seed)  # recurrent_depth draws its initial state from torch's RNG
         generator = torch.Generator().manual_seed(seed * 7_919 + 101 + _split_index(split))
-        batch = task.batch(split, eval_cfg["batch_size"], generator).to(device)
+        batch = distinct(task.batch(split, eval_cfg["batch_size"], generator)).to(device)
         evaluator = _SplitEvaluator(trained, task, eval_cfg, batch, split, granularity)
         tables.extend(evaluator.run())
     return tables
+
+
+def distinct(batch: Batch) -> Batch:
+    """The batch without repeated examples (first occurrences, in order).
+
+    Small task spaces repeat examples within a batch (S3 lengths 2..6: 1024 draws hold ~520
+    distinct sequences); scoring each once makes every accuracy a share of distinct examples, so
+    the report's standard error sqrt(p(1-p)/n) uses the n that is really there.
+    """
+    rows = torch.cat((batch.tokens, batch.targets), dim=1)  # (B, 2T): same input, same answer
+    _, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), rows.shape[0], dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, torch.arange(rows.shape[0]), reduce="amin")
+    keep = first.sort().values
+    return Batch(batch.tokens[keep], batch.targets[keep], batch.difficulty[keep])
 
 
 def _split_index(split: str) -> int:

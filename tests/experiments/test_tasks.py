@@ -182,3 +182,17 @@ def test_unknown_name_and_bad_params():
     with pytest.raises(ValueError, match="split"):
         build_task("s5").batch("test", 4, torch.Generator())
     assert set(GENERATED + ["pycode"]) <= set(TASKS.names())
+
+
+def test_evaluation_scores_each_distinct_example_once():
+    from experiments.evaluate import distinct
+
+    tokens = torch.tensor([[1, 2], [3, 4], [1, 2], [5, 6], [3, 4]])
+    targets = tokens + 10
+    batch = distinct(Batch(tokens, targets, torch.arange(5)))
+    assert batch.tokens.tolist() == [[1, 2], [3, 4], [5, 6]]  # first occurrences, in order
+    assert batch.difficulty.tolist() == [0, 1, 3]
+    # same input with a different answer is a different example
+    answers = torch.stack([targets[0], targets[0] + 1])
+    other = distinct(Batch(tokens[[0, 0]], answers, torch.arange(2)))
+    assert len(other) == 2
