@@ -1,6 +1,4 @@
 """Halting tests run single-threaded: the models are tiny, and thread start-up and contention
 cost more than they save (the CI machine is shared)."""
 
-import torch
 
-torch.set_num_threads(1)

@@ -9,8 +9,6 @@ import torch
 
 from models import build_model
 
-torch.set_num_threads(1)  # tiny models: threads only add contention on shared CI cores
-
 TINY = dict(vocab_size=32, max_seq_len=16, d_model=32, n_heads=2, n_layers=2, mlp_ratio=2,
             window=4, prelude_layers=1, coda_layers=1)
 
