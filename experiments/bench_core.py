@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from fixedpoint.registry import Registry
+from common.registry import Registry
 
 BENCHMARKS: Registry[Callable[[BenchConfig], list[Row]]] = Registry("benchmark")
 

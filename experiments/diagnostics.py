@@ -37,8 +37,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from common.constants import IGNORE_INDEX
+
 EPS = 1e-12
-IGNORE = -100
+IGNORE = IGNORE_INDEX
 
 
 def _trajectory(states: Tensor | Sequence[Tensor]) -> Tensor:

@@ -55,10 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fixedpoint.registry import Registry
+from common.constants import IGNORE_INDEX, SPLITS
+from common.registry import Registry
 
-SPLITS = ("train", "val", "hard")
-IGNORE = -100
+IGNORE = IGNORE_INDEX
 TASKS: Registry[type] = Registry("task")
 # Fixed weights of the content hash; independent of any caller's generator so split membership
 # is a property of the example itself.

@@ -27,11 +27,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from common.constants import GRANULARITIES, SPLITS
 from experiments.errors import LoopscopeError
 
 TOP_KEYS = ("seed", "out_dir", "threads", "model", "controller", "task", "study", "train", "eval")
-GRANULARITIES = ("sample", "token")
-SPLITS = ("train", "val", "hard")
 # model fields the app fills in from the task at run time
 TASK_MODEL_FIELDS = ("vocab_size", "max_seq_len")
 

@@ -14,7 +14,7 @@ from typing import Any
 from fixedpoint.solve import SOLVERS, Solution, register_solver, solve
 
 _PUBLIC = {
-    "Registry": "fixedpoint.registry",
+    "Registry": "common.registry",
     "spectral_radius": "fixedpoint.spectral",
     "lyapunov_exponent": "fixedpoint.spectral",
     "classify": "fixedpoint.verdicts",

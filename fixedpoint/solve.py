@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from common.constants import BACKWARDS, STOP_MODES
+from common.registry import Registry
 from fixedpoint import backward as grads
 from fixedpoint._torchdeq import OPTIONS as TORCHDEQ_OPTIONS
 from fixedpoint._torchdeq import run_torchdeq
 from fixedpoint.problem import STATUS_NAMES, Problem, Solution, row_caller
-from fixedpoint.registry import Registry
 from fixedpoint.solvers import anderson, broyden, fixed_point_iter
 
 __all__ = [
@@ -38,8 +39,6 @@ SOLVERS.register("broyden", broyden)
 for _name in TORCHDEQ_OPTIONS:
     SOLVERS.register(f"torchdeq.{_name}", functools.partial(run_torchdeq, name=_name))
 
-STOP_MODES = ("abs", "rel")
-BACKWARDS = ("implicit", "phantom", "one_step", "unroll")
 # Solvers whose forward pass writes history buffers in place (or detaches, like torchdeq's):
 # autograd cannot record them, so backward="unroll" refuses them.
 NOT_UNROLLABLE = ("anderson", "broyden", "torchdeq.")

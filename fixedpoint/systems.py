@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from fixedpoint.registry import Registry
+from common.registry import Registry
 
 Sampler = Callable[[int, torch.Generator], Tensor]
 GOLDEN_ANGLE = 2 * math.pi * (1 - 2 / (1 + math.sqrt(5)))

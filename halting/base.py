@@ -28,10 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fixedpoint.registry import Registry, call_with_known
-
-GRANULARITIES = ("sample", "token")
-IGNORE_INDEX = -100
+from common.constants import GRANULARITIES, IGNORE_INDEX
+from common.registry import Registry, call_with_known
 
 CONTROLLERS: Registry[type[LoopController]] = Registry("controller")
 

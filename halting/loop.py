@@ -46,9 +46,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from common.constants import TOKEN_POLICIES
 from halting.base import GRANULARITIES, LoopController, LoopOutput, StepView, build_controller
-
-TOKEN_POLICIES = ("frozen", "evolving")
 
 
 def run_loop(model: nn.Module, tokens: Tensor, controller: LoopController | str | dict, *,

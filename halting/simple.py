@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fixedpoint.registry import Registry
+from common.registry import Registry
 from halting.base import CONTROLLERS, LoopController, StepView, check_choice, check_range
 
 # name -> (value function, default threshold, default patience)

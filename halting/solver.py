@@ -24,10 +24,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from common.constants import BACKWARDS, STOP_MODES
 from halting.base import CONTROLLERS, LoopController, check_choice, check_range
-
-BACKWARDS = ("implicit", "phantom", "one_step", "unroll")
-STOP_MODES = ("abs", "rel")
 
 
 @CONTROLLERS.register("solver")

@@ -107,3 +107,31 @@ class LoopedModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    # -- what callers may read besides the methods (an adapter of a foreign model implements
+    # these; nobody reads ``model.config`` fields directly) ------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Size of the output vocabulary V (``readout`` returns (B, T, V))."""
+        return self.config.vocab_size
+
+    @property
+    def d_model(self) -> int:
+        """Width D of the loop state z (B, T, D)."""
+        return self.config.d_model
+
+    @property
+    def halt_token_id(self) -> int | None:
+        """The reserved vocabulary id read as a halting probability, or ``None`` (no halt token)."""
+        return self.config.halt_token_id
+
+    @property
+    def nilpotent_step(self) -> bool:
+        """Whether ``step`` reads the previous state only through a strictly causal shift.
+
+        Then the step's Jacobian is strictly lower-triangular over positions (nilpotent), so
+        every trajectory is exactly fixed after at most ``T`` loops and its spectral radius is 0
+        — a property of the architecture, not a sign of a bug (PLT with cross-loop position
+        offset). Reports and verdicts read this instead of branching on the architecture name.
+        """
+        return False

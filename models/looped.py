@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from fixedpoint.registry import Registry
+from common.registry import Registry
 from models.base import LoopContext, LoopedModel
 from models.config import ModelConfig
 from models.layers import Block, Mixer, RMSNorm, Rotary, TokenPack, attend

@@ -70,6 +70,12 @@ class ParallelLoop(TransformerLoop):
         self.register_buffer("window_mask", band, persistent=False)
         self.init_weights()
 
+    @property
+    def nilpotent_step(self) -> bool:
+        # With CLP, loop k >= 1 at position t reads z^(k-1) only at t-1 (and E_t): the Jacobian
+        # over positions is strictly lower-triangular.
+        return bool(self.config.clp)
+
     def init_state(self, ctx: LoopContext) -> Tensor:
         return ctx.inject
 

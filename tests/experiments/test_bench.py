@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.registry import Registry
 from experiments import bench
 from experiments.bench_core import (
     BenchConfig,
@@ -28,7 +29,6 @@ from experiments.bench_core import (
     ratios,
     saved_tensor_bytes,
 )
-from fixedpoint.registry import Registry
 
 ROW_FIELDS = {"benchmark", "compared", "median", "low", "high", "target", "status", "reps", "raw",
               "config", "note"}

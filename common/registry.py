@@ -1,8 +1,8 @@
 """One registry mechanism for the whole project (solvers, architectures, controllers, tasks).
 
-Lives in ``fixedpoint`` because that package sits at the bottom of the import graph
-(``experiments -> halting -> {models, fixedpoint}``) and may import only torch/numpy; every other
-package imports ``Registry`` from here, so there is exactly one implementation (STYLE.md, habit 5).
+Lives in ``common``, the package below all others (``experiments -> halting -> {models,
+fixedpoint} -> common``); it imports nothing of the project, so every package imports ``Registry``
+from here and there is exactly one implementation (STYLE.md, habit 5).
 
 Example:
     >>> SOLVERS = Registry("solver")
