@@ -570,3 +570,6 @@ def _indent_depth(tokens: Tensor) -> Tensor:
             spaces += 1
         depths.append(spaces // 4)
     return torch.tensor(depths, dtype=torch.long)
+
+
+from experiments import parity_vector  # noqa: E402,F401  registers "parity_vector" (own file)
