@@ -180,6 +180,13 @@ class LoopController(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._run: dict[str, Any] = {}
+        self.explicit_mode: bool | None = None
+
+    def train(self, mode: bool = True) -> LoopController:
+        """Set the mode, remembering that it was set by hand (``run_loop`` warns when a run's
+        mode disagrees with it; see ``halting.loop``)."""
+        self.explicit_mode = bool(mode)
+        return super().train(mode)
 
     # -- per-run hooks -------------------------------------------------------------------------
     def bind(self, model: nn.Module) -> None:

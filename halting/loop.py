@@ -31,6 +31,16 @@ FLOPs (approximate): ``executed x model.flops_per_token_step(T) x T`` (x 1 at to
 where ``executed`` already counts tokens) plus ``2 D V`` per token read out (LM head only; prelude
 and coda layers are not counted).
 
+Modes: a controller's training and evaluation behaviour differ (learned halting runs every row to
+the cap in training for its expected loss and exits early in evaluation; ``q_halt`` explores only in
+training), so each run has exactly one mode and ``LoopOutput.training`` records it. By default
+(``mode="auto"``) it is the **model's** mode: ``model.eval()`` is enough, ``run_loop`` puts the
+controller in the same mode (``build_controller`` returns a controller in training mode, as every
+``nn.Module``; that is not a choice and never overrides the model). ``mode="train"`` /
+``mode="eval"`` force a mode regardless of the model. A controller switched by hand
+(``controller.train()`` / ``.eval()``) to the other mode than the model gets a warning under
+``auto`` and follows the model.
+
 Truncated backpropagation (Huginn, arXiv 2502.05171): with ``grad_steps=n`` only the last ``n``
 planned steps build a graph (earlier ones run under ``no_grad``); gradients still reach the
 embeddings through the input injection. For adaptive controllers "last" means the last ``n`` of
@@ -41,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -49,11 +60,13 @@ from torch import Tensor, nn
 from common.constants import TOKEN_POLICIES
 from halting.base import GRANULARITIES, LoopController, LoopOutput, StepView, build_controller
 
+MODES = ("auto", "train", "eval")
+
 
 def run_loop(model: nn.Module, tokens: Tensor, controller: LoopController | str | dict, *,
              max_loops: int, min_loops: int = 1, granularity: str = "sample",
              record: bool = False, token_policy: str = "frozen", grad_steps: int | None = None,
-             targets: Tensor | None = None) -> LoopOutput:
+             targets: Tensor | None = None, mode: str = "auto") -> LoopOutput:
     """Run ``model``'s loop on ``tokens`` under ``controller``.
 
     Args:
@@ -67,6 +80,9 @@ def run_loop(model: nn.Module, tokens: Tensor, controller: LoopController | str 
         token_policy: ``frozen`` or ``evolving`` (token granularity; see module docstring).
         grad_steps: backpropagate through the last ``grad_steps`` steps only.
         targets: (B, T) int64 (-100 = ignore); when given, ``loss_terms`` is filled.
+        mode: the controller's mode for this run: ``auto`` (default) follows ``model.training``;
+            ``train`` / ``eval`` force it. Recorded in ``LoopOutput.training`` (see module
+            docstring, "Modes").
 
     Returns:
         LoopOutput.
@@ -77,6 +93,7 @@ def run_loop(model: nn.Module, tokens: Tensor, controller: LoopController | str 
     controller = build_controller(controller)
     _validate(model, tokens, controller, max_loops, min_loops, granularity, token_policy,
               grad_steps)
+    set_run_mode(controller, model, mode)
     controller.ensure_bound(model)
     planned = controller.planned_loops(max_loops)
     ctx = model.prepare(tokens)
@@ -96,6 +113,26 @@ def run_loop(model: nn.Module, tokens: Tensor, controller: LoopController | str 
     if targets is not None:
         controller.loss_terms(out, targets)
     return out
+
+
+def set_run_mode(controller: LoopController, model: nn.Module, mode: str = "auto") -> bool:
+    """Put ``controller`` in the run's mode and return it (``True`` = training).
+
+    ``auto`` takes the model's mode. A controller whose mode was set by hand (``.train()`` /
+    ``.eval()``) to the other mode gets a warning under ``auto``: the model's mode wins.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    training = bool(model.training) if mode == "auto" else mode == "train"
+    if mode == "auto" and controller.explicit_mode is not None and \
+            controller.explicit_mode != training:
+        was, now = ("train", "eval") if controller.explicit_mode else ("eval", "train")
+        warnings.warn(f"controller {controller.name!r} was set to {was} mode but the model is in "
+                      f"{now} mode; run_loop follows the model (mode='auto') and runs it in {now} "
+                      f"mode. Pass mode='{was}' to run_loop to run it in {was} mode.",
+                      stacklevel=3)
+    nn.Module.train(controller, training)  # not a hand-set mode: keeps ``explicit_mode``
+    return training
 
 
 def _validate(model: Any, tokens: Any, controller: LoopController, max_loops: Any,

@@ -14,8 +14,8 @@ Training (one ``run_loop`` call plays HRM's sequence of deep-supervision segment
 all ``max_loops`` steps so every step's readout and Q values exist. Each sample's exit is its first
 step at which the halting rule holds and which is at least its exploration minimum (with
 probability ``explore`` a random minimum in [2, max_loops], HRM's ``halt_exploration_prob``; never
-below ``min_loops``), else the cap. Over the steps up to the exit the loss is, per sample and then
-averaged over samples:
+below ``min_loops``; at ``max_loops=1`` there is nothing to explore), else the cap. Over the steps
+up to the exit the loss is, per sample and then averaged over samples:
 
 * ``task``: the mean LM loss of those steps (deep supervision);
 * ``q_halt``: 0.5 x BCE(q_halt_n, [the sample is fully correct at step n]);
@@ -123,6 +123,8 @@ class QHalt(LoopController):
         if self._generator is None:
             self._generator = torch.Generator().manual_seed(self.seed)
         explore = torch.rand(batch, generator=self._generator) < self.explore
+        if max_loops < 2:  # HRM's random minimum lies in [2, max_loops]: nothing to explore
+            return torch.ones(batch, dtype=torch.long, device=device)
         minimum = torch.randint(2, max_loops + 1, (batch,), generator=self._generator)
         return torch.where(explore, minimum, 1).to(device)
 
