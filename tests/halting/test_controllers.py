@@ -9,9 +9,8 @@ import pytest
 import torch
 from _models import ALL_ARCHS, SEQ, VOCAB, make_model, make_tokens
 
-from halting import CONTROLLERS, StepView, build_controller, run_loop
+from halting import CONTROLLERS, CRITERIA, RunState, StepView, build_controller, run_loop
 from halting.objectives import act_weights, cdf_exit, geometric_halting
-from halting.simple import CRITERIA, _PerRowMemory
 
 HALT_ID = VOCAB - 1
 SETTINGS = {
@@ -116,7 +115,7 @@ def test_criterion_values_match_hand_computation():
     torch.manual_seed(0)
     z0, z1, z2 = torch.randn(3, 2, 3, 4).unbind(0)
     l1, l2 = torch.randn(2, 2, 3, 5).unbind(0)
-    memory = _PerRowMemory(2)
+    memory = RunState(batch=2, seq_len=3, max_loops=10)
     kl_fn, ent_fn, arg_fn, acc_fn = (CRITERIA.get(n)[0] for n in
                                      ("kl", "entropy", "argmax", "acceleration"))
     first = _view(0, z1, z0, l1)
