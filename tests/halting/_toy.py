@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from halting.base import LoopController, StepView
+from halting.base import Capabilities, LoopController, StepView
 from models.base import LoopContext, LoopedModel
 from models.config import ModelConfig
 
@@ -96,7 +96,8 @@ class ScriptedExit(LoopController):
     def __init__(self, plan: Tensor) -> None:
         super().__init__()
         self.plan = plan
-        self.granularities = ("sample",) if plan.dim() == 1 else ("token",)
+        self.capabilities = Capabilities(granularities=("sample",) if plan.dim() == 1
+                                         else ("token",))
 
     def decide(self, view: StepView) -> Tensor:
         return self.plan[view.rows] == view.loops

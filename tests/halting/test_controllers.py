@@ -9,9 +9,8 @@ import pytest
 import torch
 from _models import ALL_ARCHS, SEQ, VOCAB, make_model, make_tokens
 
-from halting import CONTROLLERS, StepView, build_controller, run_loop
+from halting import CONTROLLERS, CRITERIA, RunState, StepView, build_controller, run_loop
 from halting.objectives import act_weights, cdf_exit, geometric_halting
-from halting.simple import CRITERIA, _PerRowMemory
 
 HALT_ID = VOCAB - 1
 SETTINGS = {
@@ -47,7 +46,7 @@ def test_controller_runs_on_every_architecture(arch, name, mode):
     tokens, targets = make_tokens(), _targets()
     for granularity in controller.granularities:
         out = run_loop(model, tokens, controller, max_loops=4, min_loops=2,
-                       granularity=granularity, targets=targets)
+                       granularity=granularity, targets=targets, mode=mode)
         unit = (4,) if granularity == "sample" else (4, SEQ)
         assert out.logits.shape == (4, SEQ, VOCAB)
         assert out.depth.shape == unit and out.depth.dtype == torch.long
@@ -84,7 +83,8 @@ def test_each_learned_objective_reaches_the_halting_head(arch, name, term):
     controller.bind(model)
     if name == "q_halt":  # at its init q_continue sits exactly on its own target (zero grad)
         torch.nn.init.normal_(controller.head.weight, std=0.1)
-    out = run_loop(model, make_tokens(), controller, max_loops=4, targets=_targets())
+    out = run_loop(model, make_tokens(), controller, max_loops=4, targets=_targets(),
+                   mode="train")
     out.loss_terms[term].backward()
     params = _halting_params(model, controller)
     if name == "halt_token":
@@ -115,7 +115,7 @@ def test_criterion_values_match_hand_computation():
     torch.manual_seed(0)
     z0, z1, z2 = torch.randn(3, 2, 3, 4).unbind(0)
     l1, l2 = torch.randn(2, 2, 3, 5).unbind(0)
-    memory = _PerRowMemory(2)
+    memory = RunState(batch=2, seq_len=3, max_loops=10)
     kl_fn, ent_fn, arg_fn, acc_fn = (CRITERIA.get(n)[0] for n in
                                      ("kl", "entropy", "argmax", "acceleration"))
     first = _view(0, z1, z0, l1)
@@ -210,7 +210,8 @@ def test_pondernet_eval_exit_rules(inference):
 def test_geometric_training_runs_every_step_and_reports_its_exit(name):
     model = make_model("toy", halt_token_id=HALT_ID)
     controller = build_controller(name).train()
-    out = run_loop(model, make_tokens(), controller, max_loops=5, targets=_targets())
+    out = run_loop(model, make_tokens(), controller, max_loops=5, targets=_targets(),
+                   mode="train")
     assert out.executed == 4 * 5 and out.step_logits.shape == (5, 4, SEQ, VOCAB)
     p = out.aux["p"]
     torch.testing.assert_close(p.sum(0), torch.ones(4))
@@ -226,8 +227,8 @@ def test_ouro_eval_q_exit_matches_the_trajectory_rule():
     tokens = make_tokens(batch=8)
     controller = build_controller("ouro_gate", q=0.6)
     with torch.no_grad():
-        trained = run_loop(model, tokens, controller.train(), max_loops=6)
-        evaluated = run_loop(model, tokens, controller.eval(), max_loops=6)
+        trained = run_loop(model, tokens, controller.train(), max_loops=6, mode="train")
+        evaluated = run_loop(model, tokens, controller.eval(), max_loops=6, mode="eval")
     assert evaluated.depth.tolist() == trained.depth.tolist()
     assert evaluated.executed == int(evaluated.depth.sum()) < trained.executed
     torch.testing.assert_close(evaluated.logits, trained.logits, atol=1e-5, rtol=0)
@@ -274,13 +275,14 @@ def test_act_output_is_the_p_weighted_mixture_of_step_readouts(granularity):
 def test_q_halt_head_created_on_first_training_run_warns():
     model = make_model("toy")
     with pytest.warns(UserWarning, match=r"Call controller.bind\(model\)"):
-        run_loop(model, make_tokens(), build_controller("q_halt").train(), max_loops=3)
+        run_loop(model, make_tokens(), build_controller("q_halt").train(), max_loops=3,
+                 mode="train")
     bound = build_controller("q_halt").train()
     bound.bind(model)
     assert [p.shape for p in bound.parameters()] == [(2, 32), (2,)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        run_loop(model, make_tokens(), bound, max_loops=3)
+        run_loop(model, make_tokens(), bound, max_loops=3, mode="train")
     with pytest.raises(ValueError, match="head width 8 != model d_model 32"):
         build_controller("q_halt", d_model=8).bind(model)
 
@@ -296,7 +298,7 @@ def test_q_halt_starts_never_halting_and_explores_in_training():
     with torch.no_grad():
         controller.head.bias.copy_(torch.tensor([1.0, 0.0]))  # now always halts
         eager = run_loop(model, make_tokens(), controller, max_loops=5)
-        trained = run_loop(model, make_tokens(), controller.train(), max_loops=5)
+        trained = run_loop(model, make_tokens(), controller.train(), max_loops=5, mode="train")
     assert (eager.depth == 1).all() and eager.executed == 4
     # explore=1: every sample waits for its random minimum depth in [2, 5]
     assert trained.depth.tolist() == trained.aux["exploration_min"].tolist()
