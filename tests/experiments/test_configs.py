@@ -31,9 +31,9 @@ def test_every_group_has_its_options():
     assert options("model") == ["deq", "parallel_loop", "recurrent_depth", "serial_loop"]
     assert options("controller") == ["act", "convergence", "fixed", "halt_token", "ouro_gate",
                                      "pondernet", "q_halt", "solver"]
-    assert options("task") == ["addition", "parity", "phop", "pycode", "s5"]
+    assert options("task") == ["addition", "parity", "parity_vector", "phop", "pycode", "s5"]
     assert options("experiment") == ["convergence_study", "default", "halting_comparison",
-                                     "loopcoder", "smoke"]
+                                     "loopcoder", "parity_halting", "smoke"]
     assert {"local", "slurm"} <= set(options("hydra/launcher"))
 
 
@@ -62,6 +62,10 @@ def test_experiment_composes_validates_and_plans(experiment):
     if experiment == "default":  # loop counts 1..4 plus one learned-halting model
         assert [(p.objective, p.loops) for p in plans] == [
             ("fixed", 1), ("fixed", 2), ("fixed", 3), ("fixed", 4), ("ouro_gate", 4)]
+    if experiment == "parity_halting":  # fixed 1..4 and three learned controllers at cap 4
+        assert [(p.objective, p.loops) for p in plans] == [
+            ("fixed", 1), ("fixed", 2), ("fixed", 3), ("fixed", 4), ("act", 4),
+            ("pondernet", 4), ("ouro_gate", 4)]
     if experiment == "convergence_study":
         assert sorted(p.arch for p in plans) == sorted(options("model"))
     assert len({p.run_id for p in plans}) == len(plans)
