@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from experiments.halting_stats import (
+from experiments.results.halting_stats import (
     collapse_monitor,
     equal_compute,
     halting_section,

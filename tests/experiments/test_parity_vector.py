@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from experiments.parity_vector import ParityVectorTask as P
 from experiments.tasks import TASKS, build_task, row_hash_fraction
+from experiments.tasks.parity_vector import ParityVectorTask as P
 
 
 def draw(task, split, n=512, seed=0):

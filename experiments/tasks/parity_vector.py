@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from experiments.tasks import IGNORE, TASKS, Batch, GeneratedTask, _int_range, _lengths
+from experiments.tasks.base import IGNORE, TASKS, Batch, GeneratedTask, _int_range, _lengths
 
 
 @TASKS.register("parity_vector")

@@ -22,8 +22,8 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.halting_stats import halting_section
 from experiments.results import atomic_write_text, load_run
+from experiments.results.halting_stats import halting_section
 
 VAL = "val"
 
