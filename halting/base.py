@@ -192,6 +192,29 @@ class LoopController(nn.Module):
         """The constructor arguments (for logging and configs)."""
         return {}
 
+    def guard_eval_loss(self, out: LoopOutput, terms: dict[str, Tensor]) -> None:
+        """Make backpropagating an evaluation-mode loss fail with a clear error.
+
+        For controllers whose training objective exists only in training mode (learned halting):
+        their evaluation-mode ``loss_terms`` is the task loss alone, so training on it would
+        silently drop the halting objective. Computing (and logging) that loss stays allowed;
+        ``backward`` through it raises.
+        """
+        if out.training:
+            return
+        name = self.name
+
+        def refuse(grad: Tensor) -> Tensor:
+            raise RuntimeError(
+                f"{name}: backward through the loss of an evaluation-mode run "
+                "(LoopOutput.training=False) would train without the halting objective (the "
+                "halting head gets no gradient); train in training mode (model.train(), or "
+                "run_loop(..., mode='train'))")
+
+        for term in terms.values():
+            if term.requires_grad:
+                term.register_hook(refuse)
+
     # -- helpers -------------------------------------------------------------------------------
     def ensure_bound(self, model: nn.Module) -> None:
         """``bind``, warning when that created parameters in training mode (an optimiser built

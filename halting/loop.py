@@ -39,7 +39,9 @@ controller in the same mode (``build_controller`` returns a controller in traini
 ``nn.Module``; that is not a choice and never overrides the model). ``mode="train"`` /
 ``mode="eval"`` force a mode regardless of the model. A controller switched by hand
 (``controller.train()`` / ``.eval()``) to the other mode than the model gets a warning under
-``auto`` and follows the model.
+``auto`` and follows the model. An evaluation-mode loss of a learned controller is the task loss
+alone (its halting objective exists only in training), so ``backward`` through it raises instead of
+silently training without that objective; computing and logging it stays allowed.
 
 Truncated backpropagation (Huginn, arXiv 2502.05171): with ``grad_steps=n`` only the last ``n``
 planned steps build a graph (earlier ones run under ``no_grad``); gradients still reach the

@@ -98,3 +98,19 @@ def test_every_controller_works_at_max_loops_1(name, mode):
         per_unit = SEQ if granularity == "token" else 1
         assert out.executed == 4 * per_unit
         assert torch.isfinite(sum(out.loss_terms.values()))
+
+
+@pytest.mark.parametrize("name", ["pondernet", "ouro_gate", "halt_token", "q_halt"])
+def test_training_on_an_eval_mode_run_is_refused(name):
+    """An eval-mode loss has no halting objective: computing it is fine, training on it fails."""
+    model = _early_exit_model().train()
+    controller = _built(name, model)
+    targets = torch.randint(0, VOCAB - 1, (4, SEQ), generator=torch.Generator().manual_seed(2))
+    out = run_loop(model, SMALL.tokens(), controller, max_loops=4, targets=targets, mode="eval")
+    assert set(out.loss_terms) == {"task"} and torch.isfinite(out.loss_terms["task"])
+    with pytest.raises(RuntimeError, match=f"{name}: backward through the loss of an "
+                                           "evaluation-mode run"):
+        sum(out.loss_terms.values()).backward()
+    trained = run_loop(model, SMALL.tokens(), controller, max_loops=4, targets=targets)
+    assert trained.training and len(trained.loss_terms) > 1
+    sum(trained.loss_terms.values()).backward()  # training mode: the full objective trains
