@@ -33,6 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+import experiments.conf  # noqa: F401  (registers the controller defaults with Hydra)
 from experiments.errors import FAILED_EXIT, USAGE_EXIT, LoopscopeError, fail
 from experiments.validate import ConfigError, ValidConfig, validate_config
 
