@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+import experiments.conf  # noqa: F401  (registers the controller defaults with Hydra)
 from experiments.config.validate import ConfigError, ValidConfig, validate_config
 from experiments.errors import LoopscopeError
 

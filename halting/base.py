@@ -47,6 +47,7 @@ training loss; the trainer adds them and never branches on the controller's type
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Mapping
@@ -192,6 +193,29 @@ class LoopController(nn.Module):
         """The constructor arguments (for logging and configs)."""
         return {}
 
+    def guard_eval_loss(self, out: LoopOutput, terms: dict[str, Tensor]) -> None:
+        """Make backpropagating an evaluation-mode loss fail with a clear error.
+
+        For controllers whose training objective exists only in training mode (learned halting):
+        their evaluation-mode ``loss_terms`` is the task loss alone, so training on it would
+        silently drop the halting objective. Computing (and logging) that loss stays allowed;
+        ``backward`` through it raises.
+        """
+        if out.training:
+            return
+        name = self.name
+
+        def refuse(grad: Tensor) -> Tensor:
+            raise RuntimeError(
+                f"{name}: backward through the loss of an evaluation-mode run "
+                "(LoopOutput.training=False) would train without the halting objective (the "
+                "halting head gets no gradient); train in training mode (model.train(), or "
+                "run_loop(..., mode='train'))")
+
+        for term in terms.values():
+            if term.requires_grad:
+                term.register_hook(refuse)
+
     # -- helpers -------------------------------------------------------------------------------
     def ensure_bound(self, model: nn.Module) -> None:
         """``bind``, warning when that created parameters in training mode (an optimiser built
@@ -241,6 +265,18 @@ def check_range(name: str, value: Any, low: float, high: float, *, low_open: boo
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def controller_defaults(name: str) -> dict[str, Any]:
+    """``{"name": name, **every constructor parameter's default}`` of a registered controller.
+
+    The class signature is the one place a controller's defaults live; configs (the app's
+    ``controller/*.yaml``) are generated from this and only override it.
+    """
+    cls = CONTROLLERS.get(name)
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {"name": name, **{p.name: p.default for p in params
+                             if p.name != "self" and p.default is not inspect.Parameter.empty}}
 
 
 def build_controller(name_or_cfg: str | Mapping[str, Any] | LoopController,

@@ -195,7 +195,9 @@ class GeometricHalting(LoopController):
 
     def loss_terms(self, out: LoopOutput, targets: Tensor) -> dict[str, Tensor]:
         if not out.training or "p" not in out.aux:
-            return super().loss_terms(out, targets)
+            terms = super().loss_terms(out, targets)
+            self.guard_eval_loss(out, terms)
+            return terms
         p = out.aux["p"]
         step_losses = per_step_losses(out.step_logits, targets, out.granularity)  # (K, *U)
         name, reg = self.regulariser(p)

@@ -153,7 +153,9 @@ class QHalt(LoopController):
 
     def loss_terms(self, out: LoopOutput, targets: Tensor) -> dict[str, Tensor]:
         if not out.training or "q" not in out.aux:
-            return super().loss_terms(out, targets)
+            terms = super().loss_terms(out, targets)
+            self.guard_eval_loss(out, terms)
+            return terms
         q = out.aux["q"]  # (K, B, 2)
         steps = q.shape[0]
         lm = per_step_losses(out.step_logits, targets, "sample")  # (K, B)

@@ -3,7 +3,7 @@ controller driven by code other than run_loop."""
 
 import pytest
 import torch
-from _models import make_model, make_tokens
+from _tiny import SMALL
 
 from halting import (
     Capabilities,
@@ -27,7 +27,7 @@ def test_driven_loop_must_declare_its_method():
 
 def test_decide_before_begin_is_a_clear_error():
     controller = build_controller("convergence")
-    model, tokens = make_model("toy"), make_tokens()
+    model, tokens = SMALL.model("toy"), SMALL.tokens()
     ctx = model.prepare(tokens)
     z = model.init_state(ctx)
     view = StepView(model, ctx, 0, model.step(z, ctx, 0), z, torch.arange(4), "sample", None, 3)
@@ -42,8 +42,8 @@ class _Forgetful(LoopController):
 
 def test_output_is_complete_or_the_run_fails():
     with pytest.raises(RuntimeError, match="'forgetful' declares that it provides the logits"):
-        run_loop(make_model("toy"), make_tokens(), _Forgetful(), max_loops=2)
-    out = run_loop(make_model("toy"), make_tokens(), "fixed", max_loops=2)
+        run_loop(SMALL.model("toy"), SMALL.tokens(), _Forgetful(), max_loops=2)
+    out = run_loop(SMALL.model("toy"), SMALL.tokens(), "fixed", max_loops=2)
     assert isinstance(out.logits, torch.Tensor) and out.logits.shape[:2] == (4, 8)
 
 
@@ -75,9 +75,9 @@ def _drive_by_hand(model, tokens, controller, max_loops):
     ("convergence", {"criterion": "residual", "threshold": 0.1}), ("ouro_gate", {}),
     ("pondernet", {"inference": "cdf"})])
 def test_protocol_drives_the_same_exits_outside_run_loop(name, params):
-    model = make_model("toy")
+    model = SMALL.model("toy")
     torch.nn.init.normal_(model.halt.weight, std=0.5)
-    tokens = make_tokens(batch=8)
+    tokens = SMALL.tokens(batch=8)
     with torch.no_grad():
         expected = run_loop(model, tokens, build_controller(name, **params), max_loops=8).depth
         by_hand = _drive_by_hand(model, tokens, build_controller(name, **params), 8)
