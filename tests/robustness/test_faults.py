@@ -73,7 +73,7 @@ def test_nan_loss_stops_the_cli_run_names_the_step_and_keeps_the_checkpoint(
 
     def remember(self):
         original(self)
-        ckpt = self.ckpt_root / f"step_{self.step:06d}"
+        ckpt = self.store.ckpt_root / f"step_{self.step:06d}"
         checkpoint_bytes.update(_snapshot(ckpt))
         checkpoint_bytes["_dir"] = ckpt
 
