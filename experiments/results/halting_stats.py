@@ -1,7 +1,8 @@
 """Does learned halting spend more loops on harder inputs? Statistics and a report section.
 
-Everything here reads the ``samples`` table (one row per evaluated distinct input, controller and
-budget: ``depth``, ``difficulty``, ``correct``), so ``loopscope-plot`` can rebuild it.
+Everything here reads the saved tables — ``samples`` (one row per evaluated distinct input,
+controller and budget: ``depth``, ``difficulty``, ``correct``) and, for the fixed-loop models'
+accuracy, ``results`` — so ``loopscope-plot`` can rebuild it.
 
 * ``spearman`` — rank correlation with average ranks for ties (no SciPy dependency); NaN when
   either side is constant (a controller that always exits at the same loop has no correlation).
@@ -50,12 +51,18 @@ def collapse_monitor(depth: np.ndarray | pd.Series, cap: int) -> dict[str, float
             "at_loop1": float(share[0]), "mean_depth": float(depth.mean())}
 
 
-def fixed_accuracy(samples: pd.DataFrame, split: str) -> pd.Series:
-    """Accuracy of each fixed-objective model at its training depth, indexed by loop count."""
-    part = samples[(samples["split"] == split) & (samples["controller"] == "fixed")
-                   & (samples["objective"] == "fixed")
-                   & (samples["budget"] == samples["train_loops"])]
-    return part.groupby("train_loops")["correct"].mean().sort_index()
+def fixed_accuracy(results: pd.DataFrame | None, split: str) -> pd.Series:
+    """Accuracy of each fixed-objective model at its training depth, indexed by loop count.
+
+    Read from the ``results`` table: ``samples`` keeps per-input rows of the fixed sweep only for
+    budgets long enough to classify a trajectory, not at every training depth.
+    """
+    if results is None or results.empty:
+        return pd.Series(dtype=float)
+    part = results[(results["split"] == split) & (results["controller"] == "fixed")
+                   & (results["objective"] == "fixed") & (results["metric"] == "accuracy")
+                   & (results["budget"] == results["train_loops"])]
+    return part.groupby("train_loops")["value"].mean().sort_index()
 
 
 def equal_compute(accuracy: float, mean_depth: float, fixed: pd.Series) -> dict[str, float]:
@@ -74,12 +81,13 @@ def equal_compute(accuracy: float, mean_depth: float, fixed: pd.Series) -> dict[
     return out
 
 
-def learned_rows(samples: pd.DataFrame, split: str) -> pd.DataFrame:
+def learned_rows(samples: pd.DataFrame, split: str,
+                 results: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per model trained with a learned objective, evaluated with it at its cap."""
     part = samples[(samples["split"] == split) & (samples["controller"] == samples["objective"])
                    & (samples["budget"] == samples["train_loops"])
                    & samples["objective"].isin(LEARNED)]
-    fixed = fixed_accuracy(samples, split)
+    fixed = fixed_accuracy(results, split)
     rows = []
     for (run, controller, cap), group in part.groupby(["run", "controller", "budget"]):
         accuracy = float(group["correct"].mean())
@@ -138,11 +146,12 @@ def _verdict(row: pd.Series) -> str:
             f"{_fmt(row['best_accuracy'])} at {row['best_loops']} loops.")
 
 
-def halting_section(samples: pd.DataFrame, split: str = "val") -> str:
+def halting_section(samples: pd.DataFrame, split: str = "val",
+                    results: pd.DataFrame | None = None) -> str:
     """Markdown: learned halting vs difficulty, equal compute, extrapolation, collapse monitor."""
     parts = []
     for name, title in ((split, f"`{split}` (interpolation)"), ("hard", "`hard` (extrapolation)")):
-        rows = learned_rows(samples, name)
+        rows = learned_rows(samples, name, results)
         if rows.empty:
             continue
         table = depth_table(samples, name)

@@ -57,7 +57,7 @@ def build_report(results: pd.DataFrame, samples: pd.DataFrame | None, info: dict
     parts.append(_controller_section(results, quality, split))
     if samples is not None and not samples.empty:
         parts.append(_depth_section(samples, split))
-        parts.append(halting_section(samples, split))
+        parts.append(halting_section(samples, split, results))
     parts.append(_training_section(info))
     parts.append(_figures_section(run_dir))
     return "\n\n".join(p for p in parts if p) + "\n"

@@ -47,31 +47,35 @@ def test_equal_compute_picks_the_affordable_fixed_model():
     assert math.isnan(equal_compute(0.8, 2.0, pd.Series(dtype=float))["margin"])
 
 
-def synthetic_samples():
-    """A pondernet model whose depth follows difficulty and fixed models at 1..3 loops."""
+def synthetic_tables():
+    """A pondernet model whose depth follows difficulty, and fixed models at 1..3 loops (their
+    accuracy at training depth is read from the results table, as the evaluator writes it)."""
     rng = np.random.default_rng(0)
     difficulty = rng.integers(1, 9, 400)
     depth = np.clip((difficulty + 1) // 2, 1, 4)
-    frames = [pd.DataFrame({"run": "m-pondernet-L4", "objective": "pondernet", "train_loops": 4,
+    samples = pd.DataFrame({"run": "m-pondernet-L4", "objective": "pondernet", "train_loops": 4,
                             "controller": "pondernet", "budget": 4, "split": "val",
                             "difficulty": difficulty, "depth": depth,
-                            "correct": rng.random(400) < 0.9})]
-    for loops, acc in ((1, 0.5), (2, 0.7), (3, 0.95)):
-        frames.append(pd.DataFrame({"run": f"m-fixed-L{loops}", "objective": "fixed",
-                                    "train_loops": loops, "controller": "fixed",
-                                    "budget": loops, "split": "val", "difficulty": difficulty,
-                                    "depth": loops, "correct": rng.random(400) < acc}))
-    return pd.concat(frames, ignore_index=True)
+                            "correct": rng.random(400) < 0.9})
+    results = pd.DataFrame([
+        {"run": f"m-fixed-L{t}", "objective": "fixed", "train_loops": t, "controller": "fixed",
+         "budget": k, "loop": k, "split": "val", "metric": "accuracy",
+         "value": acc if k == t else 0.0}
+        for t, acc in ((1, 0.5), (2, 0.7), (3, 0.95)) for k in (1, 2, 3, 4)])
+    return samples, results
 
 
 def test_learned_rows_and_section():
-    samples = synthetic_samples()
-    rows = learned_rows(samples, "val")
+    samples, results = synthetic_tables()
+    rows = learned_rows(samples, "val", results)
     assert len(rows) == 1
     row = rows.iloc[0]
     assert row["n"] == 400 and row["spearman"] > 0.9
-    assert row["fixed_loops"] == 3  # mean depth ~2.5 -> ceil 3
-    text = halting_section(samples)
+    assert row["fixed_loops"] == 3 and row["fixed_accuracy"] == 0.95  # mean depth ~2.5 -> 3
+    assert row["margin"] == pytest.approx(row["accuracy"] - 0.95)
+    text = halting_section(samples, "val", results)
     assert "Learned halting vs difficulty" in text and "rises with difficulty" in text
     assert "Collapse monitor" in text and "m-pondernet-L4" in text
+    assert "below the best fixed model with <= 3 loops (0.950)" in text
+    assert math.isnan(learned_rows(samples, "val")["margin"].iloc[0])  # no fixed models given
     assert halting_section(samples[samples["objective"] == "fixed"]) == ""
