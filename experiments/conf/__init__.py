@@ -9,8 +9,7 @@ struct mode still catches typos) and no YAML repeats a default.
 
 from hydra.core.config_store import ConfigStore
 
-from halting import CONTROLLERS
-from halting.base import controller_defaults
+from halting import CONTROLLERS, controller_defaults
 
 
 def register_controller_defaults() -> None:
