@@ -25,7 +25,6 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-import experiments.conf  # noqa: F401  (registers the controller defaults with Hydra)
 from experiments.config.validate import ConfigError, ValidConfig, validate_config
 from experiments.errors import LoopscopeError
 
@@ -239,7 +238,9 @@ def _run_info(conf: dict[str, Any], trained: list[Any], seed: int, device: torch
               started: float) -> dict[str, Any]:
     models = [{"run_id": t.plan.run_id, "arch": t.plan.arch, "objective": t.plan.objective,
                "train_loops": t.plan.loops, "status": t.status, "resumed_from": t.resumed_from,
-               "final": t.history[-1] if t.history else None} for t in trained]
+               "final": t.history[-1] if t.history else None,
+               # declared by the model (models.LoopedModel); report.md reads it, not the arch name
+               "nilpotent_step": bool(t.model.nilpotent_step)} for t in trained]
     return {"config": conf, "seed": seed, "device": str(device),
             "threads": torch.get_num_threads(), "models": models,
             "wall_seconds": time.perf_counter() - started}

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 import experiments.conf  # noqa: F401  (registers the code's defaults with Hydra)
+from experiments.config.store import register
 from experiments.config.validate import ConfigError, validate_config
 
 CONFIG_MODULE = "experiments.conf"
@@ -66,6 +67,7 @@ def _check_job(overrides: list[str]) -> str | None:
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
+    register()  # again: a task registered since the import gets its defaults node too
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
