@@ -46,7 +46,8 @@ def collapse_monitor(depth: np.ndarray | pd.Series, cap: int) -> dict[str, float
                          f"{int(depth.min())}..{int(depth.max())}")
     share = np.bincount(depth, minlength=cap + 1)[1:] / depth.size
     nonzero = share[share > 0]
-    return {"exit_entropy": float(-(nonzero * np.log(nonzero)).sum()),
+    # max(0, .): one exit loop gives -0.0, which would print as "-0.000"
+    return {"exit_entropy": max(0.0, float(-(nonzero * np.log(nonzero)).sum())),
             "max_entropy": math.log(cap), "at_cap": float(share[-1]),
             "at_loop1": float(share[0]), "mean_depth": float(depth.mean())}
 

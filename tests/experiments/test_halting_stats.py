@@ -32,6 +32,7 @@ def test_collapse_monitor():
     assert flat["at_cap"] == flat["at_loop1"] == pytest.approx(0.25)
     collapsed = collapse_monitor([1, 1, 1, 1], cap=6)
     assert collapsed["exit_entropy"] == 0.0 and collapsed["at_loop1"] == 1.0
+    assert str(collapsed["exit_entropy"]) == "0.0"  # not -0.0
     assert collapsed["at_cap"] == 0.0 and collapsed["mean_depth"] == 1.0
     with pytest.raises(ValueError, match="depths must lie in 1..3"):
         collapse_monitor([1, 4], cap=3)
