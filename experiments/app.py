@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from experiments.errors import FAILED_EXIT, USAGE_EXIT, LoopscopeError, fail
+from experiments.rundir import check_fingerprint, prepare_out_dir, result_config, run_lock
 from experiments.validate import ConfigError, ValidConfig, validate_config
 
 CONFIG_MODULE = "experiments.conf"
@@ -65,26 +66,45 @@ def run(cfg: DictConfig | Mapping[str, Any], out_dir: str | Path | None = None) 
     valid = validate_config(cfg)
     conf = valid.cfg
     out = _output_dir(conf, out_dir)
-    previous = read_status(out)
-    if previous and previous.get("status") == "finished":
-        print(f"loopscope: {out} already finished; skipped (delete its status.json to rerun)")
-        return {"out_dir": str(out), "status": "finished", "skipped": True}
     if conf["threads"]:
         torch.set_num_threads(conf["threads"])
     dist_info = init_distributed(conf["train"]["device"])
-    device = resolve_device(conf["train"]["device"], dist_info)
     seed = job_seed(conf["seed"], _hydra_job_num())
-    if dist_info.is_main:
-        print(f"loopscope: study {conf['study']['name']!r} -> {out}", flush=True)
-        out.mkdir(parents=True, exist_ok=True)
-        write_status(out, "running", seed=seed)
-    trained = _train_all(conf, valid, out, seed, dist_info)
-    if not dist_info.is_main:
+    if not dist_info.is_main:  # rank 0 owns the directory (lock, fingerprint, status)
+        _train_all(conf, valid, out, seed, dist_info)
         _finish_distributed(dist_info)
         return {"out_dir": str(out), "status": "finished", "rank": dist_info.rank}
-    summary = _evaluate_and_write(conf, valid, trained, out, seed, device, started)
+    prepare_out_dir(out)
+    with run_lock(out):
+        check_fingerprint(out, result_config(conf, seed))
+        previous = read_status(out)
+        if previous and previous.get("status") == "finished":
+            print(f"loopscope: {out} already finished; skipped (delete its status.json to rerun)")
+            return {"out_dir": str(out), "status": "finished", "skipped": True}
+        device = resolve_device(conf["train"]["device"], dist_info)
+        print(f"loopscope: study {conf['study']['name']!r} -> {out}", flush=True)
+        write_status(out, "running", seed=seed)
+        try:
+            trained = _train_all(conf, valid, out, seed, dist_info)
+            summary = _evaluate_and_write(conf, valid, trained, out, seed, device, started)
+        except BaseException as err:
+            _record_failure(out, err)
+            raise
     _finish_distributed(dist_info)
     return summary
+
+
+def _record_failure(out: Path, err: BaseException) -> None:
+    """Leave status.json at "failed" with the reason (a more detailed record written by the
+    training loop, with step and checkpoint, is kept)."""
+    from experiments.errors import one_line
+    from experiments.train import read_status, write_status
+
+    current = read_status(out) or {}
+    if current.get("status") == "failed":
+        return
+    reason = "interrupted" if isinstance(err, KeyboardInterrupt) else one_line(err)
+    write_status(out, "failed", error=type(err).__name__, message=reason)
 
 
 def _output_dir(conf: dict[str, Any], out_dir: str | Path | None) -> Path:

@@ -77,6 +77,10 @@ def _choice(choices: tuple[str, ...]) -> Rule:
 
 BOOL = Rule((bool,), allowed="true or false")
 INF = float("inf")
+# torch.manual_seed takes < 2**64; evaluation seeds derive seed * 7_919 + 103, job seeds mod 2**31-1
+MAX_SEED = 2**32 - 1
+# evaluation attends over (eval batch, heads, T, T): longer sequences exhaust memory after training
+MAX_SEQ_LEN = 2048
 
 TRAIN_RULES: dict[str, Rule] = {
     "steps": _int(1),
@@ -105,12 +109,13 @@ EVAL_RULES: dict[str, Rule] = {
     "splits": Rule((list,), lambda v: len(v) > 0 and all(s in SPLITS for s in v),
                    f"a non-empty list of {', '.join(SPLITS)}"),
     "unroll": _int(1),
-    "verdict_loops": _int(2),
+    # classify needs >= MIN_CLASSIFY_STATES (8) states: z_0 .. z_K with K >= 7
+    "verdict_loops": _int(7),
     "budgets": _int_list(1, allow_empty=False),
     "granularity": _choice(GRANULARITIES),
     "controllers": Rule((dict,), allowed="a mapping name -> controller config"),
     "spectral_samples": _int(0),
-    "spectral_iters": _int(1),
+    "spectral_iters": _int(2),  # the power iteration averages the growth of the last iters//2
     "attention_samples": _int(0),
     "trace_samples": _int(0),
     "figures": BOOL,
@@ -123,7 +128,7 @@ STUDY_RULES: dict[str, Rule] = {
     "max_loops": _int(1),
 }
 TOP_RULES: dict[str, Rule] = {
-    "seed": _int(0),
+    "seed": Rule((int,), lambda v: 0 <= v <= MAX_SEED, f"an integer >= 0 and <= {MAX_SEED}"),
     "threads": _int(0),
     "out_dir": Rule((str,), allowed="null or a path", nullable=True),
 }
@@ -240,9 +245,14 @@ def _build_task(task_cfg: Any) -> Any:
                           f"got {task_cfg!r}")
     params = {k: v for k, v in task_cfg.items() if k != "name"}
     try:
-        return build_task(task_cfg["name"], **params)
+        task = build_task(task_cfg["name"], **params)
     except (KeyError, ValueError, TypeError) as err:
         raise ConfigError(f"task: {_message(err)}") from None
+    if task.seq_len > MAX_SEQ_LEN:
+        given = ", ".join(f"task.{k}={v!r}" for k, v in params.items() if "len" in k)
+        raise ConfigError(f"task: {given or task_cfg['name']} makes sequences of {task.seq_len} "
+                          f"tokens (hard split included); at most {MAX_SEQ_LEN} are allowed")
+    return task
 
 
 def _message(err: BaseException) -> str:
