@@ -17,8 +17,8 @@ import pytest
 import torch
 from _app_helpers import ROOT, TINY, compose_cfg
 
-from experiments.app import main, run
-from experiments.rundir import FINGERPRINT_FILE, RunDirError, config_hash, run_lock
+from experiments.results.rundir import FINGERPRINT_FILE, RunDirError, config_hash, run_lock
+from experiments.study import main, run
 
 TINY_FAST = [*TINY, "train.steps=3", "train.checkpoint_every=0", "train.eval_every=0",
              "eval.splits=[val]", "eval.batch_size=16", "eval.spectral_samples=0",
@@ -107,7 +107,7 @@ def test_config_hash_depends_on_every_value_and_not_on_key_order():
 HOLD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from experiments.rundir import run_lock
+    from experiments.results.rundir import run_lock
     with run_lock(Path(sys.argv[1])):
         print("locked", flush=True)
         time.sleep(60)
@@ -211,7 +211,7 @@ def test_read_only_out_dir_is_one_line(tmp_path, monkeypatch, capsys):
 
 # -- loopscope-plot and loopscope-diagnose ---------------------------------------------------------
 def _plot(run_dir: Path, capsys) -> tuple[int, list[str]]:
-    from experiments.cli import plot_main
+    from experiments.cli.tools import plot_main
 
     try:
         plot_main([str(run_dir)])
@@ -249,7 +249,7 @@ def test_plot_refuses_bad_tables_and_leaves_figures_untouched(table, words, fini
 def test_report_names_a_missing_samples_table(finished, tmp_path):
     import shutil
 
-    from experiments.report import write_report
+    from experiments.results.report import write_report
 
     copy = tmp_path / "run"
     shutil.copytree(finished, copy)
@@ -262,7 +262,7 @@ def test_diagnose_refuses_integer_weights(finished, tmp_path, capsys):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from experiments.cli import diagnose_main
+    from experiments.cli.tools import diagnose_main
 
     source = next(finished.glob("models/*/model.safetensors"))
     with safe_open(str(source), framework="pt") as handle:

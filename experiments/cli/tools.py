@@ -41,7 +41,7 @@ def plot_main(argv: Sequence[str] | None = None) -> None:
     if not run_dir.is_dir():
         fail(prog, f"{str(run_dir)!r} is not a directory")
     from experiments.figures import draw_all
-    from experiments.report import write_report
+    from experiments.results.report import write_report
 
     skipped: dict[str, str] = {}
     try:
@@ -61,8 +61,8 @@ def check_run(run_dir: Path) -> None:
     """``ValueError`` unless the run's tables are loopscope tables with data and its report can
     be built (``experiments.figures.check_tables``)."""
     from experiments.figures import check_tables
-    from experiments.report import _read_info, build_report
     from experiments.results import load_run
+    from experiments.results.report import _read_info, build_report
 
     tables = load_run(run_dir)
     check_tables(tables)
