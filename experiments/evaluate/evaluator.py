@@ -44,6 +44,7 @@ from experiments.tasks import Batch
 
 RESIDUAL_TRACE_SAMPLES = 64  # samples whose per-loop residual trace is stored per run
 MIN_CLASSIFY_STATES = 8
+DIAGNOSTICS_DTYPE = torch.float32  # per-loop state diagnostics of the whole batch
 
 
 @dataclass
@@ -79,6 +80,7 @@ class Trajectory:
     correct: Tensor         # (K, B) bool, fixed(k) correct for k = 1..K
     loss: Tensor            # (K, B)
     lens_logits: Tensor     # (K, n, T, V) readouts of the first n samples (logit lens)
+    step_dtype: torch.dtype = torch.float32  # what the model's steps return (autocast: bf16)
 
 
 def evaluate_model(trained: Any, task: Any, eval_cfg: dict[str, Any], seed: int,
@@ -173,6 +175,7 @@ class _SplitEvaluator:
         for k in range(self.loops):
             z = self.model.step(z, ctx, k)
             states.append(z)
+        step_dtype = z.dtype
         states = torch.stack(states).float()  # (K+1, B, T, D)
         n_lens = min(self.batch.tokens.shape[0], RESIDUAL_TRACE_SAMPLES)
         correct, loss, lens = [], [], []
@@ -182,7 +185,8 @@ class _SplitEvaluator:
             correct.append(scores["correct"].cpu())
             loss.append(scores["loss"].float().cpu())
             lens.append(logits[:n_lens].cpu())
-        return Trajectory(states, ctx, torch.stack(correct), torch.stack(loss), torch.stack(lens))
+        return Trajectory(states, ctx, torch.stack(correct), torch.stack(loss), torch.stack(lens),
+                          step_dtype)
 
     def score(self, logits: Tensor) -> dict[str, Tensor]:
         """The task's scores; a sample whose logits are not finite (diverged) is never correct
@@ -280,7 +284,9 @@ class _SplitEvaluator:
         # show up as the `diverging` verdict instead
         finite = torch.isfinite(traj.states).flatten(start_dim=2).all(dim=2).all(dim=0).cpu()
         attention = self._attention(finite)
-        table = per_loop_table(traj.states.cpu(), attention=attention)
+        # float32: the trajectory already is, and float64 would copy it (values differ by float32
+        # rounding only; the bound is tested in tests/experiments/test_diagnostics_fast.py)
+        table = per_loop_table(traj.states.cpu(), attention=attention, dtype=DIAGNOSTICS_DTYPE)
         logits = traj.lens_logits[:, finite[: traj.lens_logits.shape[1]]]  # (K, n', T, V)
         lens = logit_lens_kl(logits, logits[-1]) if logits.shape[1] else torch.empty(0)
         extra = [(k + 1, "logit_lens_kl", float(v)) for k, v in enumerate(lens.tolist())]
@@ -341,11 +347,16 @@ class _SplitEvaluator:
     def controller_rows(self, name: str, controller: Any, budget: int, traj: Trajectory,
                         verdicts: dict[str, Any], radius: Tensor) -> None:
         from halting import run_loop
+        from halting.replay import replay_loop, replayable
 
         tokens = self.batch.tokens
         with torch.no_grad():
-            out = run_loop(self.model, tokens, controller, max_loops=budget,
-                           granularity=self.granularity, record=True)
+            if self.can_replay(traj) and replayable(controller, self.granularity):
+                out = replay_loop(self.model, traj.ctx, traj.states, controller,
+                                  max_loops=budget, granularity=self.granularity, record=True)
+            else:  # the solver (and anything else that runs its own loop) runs the model
+                out = run_loop(self.model, tokens, controller, max_loops=budget,
+                               granularity=self.granularity, record=True)
         scores = self.score(out.logits.float())
         depth = out.depth if out.depth.dim() == 1 else out.depth.max(dim=1).values
         depth = depth.cpu()
@@ -356,6 +367,20 @@ class _SplitEvaluator:
         self._add_samples(name, budget, depth, scores["correct"].cpu(), scores["loss"].cpu(),
                           verdicts["sample"], radius)
         self._controller_traces(name, budget, out)
+
+    def can_replay(self, traj: Trajectory) -> bool:
+        """Whether a controller's run equals its replay over ``traj`` (``halting.replay``): the
+        stored states are in the steps' own dtype and ``run_loop`` would start from the same
+        initial state (a random one, ``recurrent_depth``, is drawn anew by every run)."""
+        if "replay" not in self.__dict__:
+            self.replay = traj.step_dtype == traj.states.dtype and self._same_initial_state(traj)
+        return self.replay
+
+    def _same_initial_state(self, traj: Trajectory) -> bool:
+        devices = [traj.states.device] if traj.states.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):  # the draw is undone
+            z0 = self.model.init_state(self.model.prepare(self.batch.tokens))
+        return z0.dtype == traj.states.dtype and torch.equal(z0, traj.states[0])
 
     def _cost_values(self, out: Any, tokens: Tensor, budget: int) -> dict[str, float]:
         units = tokens.numel() if out.depth.dim() == 2 else tokens.shape[0]
