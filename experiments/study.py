@@ -86,8 +86,9 @@ def run(cfg: DictConfig | Mapping[str, Any], out_dir: str | Path | None = None) 
         print(f"loopscope: study {conf['study']['name']!r} -> {out}", flush=True)
         write_status(out, "running", seed=seed)
         try:
-            trained = _train_all(conf, valid, out, seed, dist_info)
-            summary = _evaluate_and_write(conf, valid, trained, out, seed, device, started)
+            trained, evaluated = _train_all(conf, valid, out, seed, dist_info)
+            summary = _evaluate_and_write(conf, valid, trained, out, seed, device, started,
+                                          evaluated)
         except BaseException as err:
             _record_failure(out, err)
             raise
@@ -152,16 +153,21 @@ def plan_models(conf: dict[str, Any], valid: ValidConfig) -> list[Any]:
 
 
 def _train_all(conf: dict[str, Any], valid: ValidConfig, out: Path, seed: int,
-               dist_info: Any) -> list[Any]:
+               dist_info: Any) -> tuple[list[Any], dict[str, Any] | None]:
+    """Train (or reload) every planned model; returns them in plan order, with each one's
+    evaluation tables when the worker pool already evaluated them (else None)."""
+    from experiments.pipeline import run_pool
     from experiments.train import TrainingFailed, train_model, write_status
 
     plans = plan_models(conf, valid)
     workers = min(conf["train"]["workers"], len(plans))
+    evaluated = None
     if workers > 1 and not dist_info.enabled and conf["train"]["device"] in ("auto", "cpu") \
             and not torch.cuda.is_available():
-        _train_in_parallel(conf, plans, out, seed, workers)  # the loop below then loads them
+        # the loop below then loads the trained models; the tables come from the pool
+        evaluated = run_pool(conf, plans, out, seed, workers, evaluate=dist_info.is_main)
     trained = []
-    show = conf["train"]["progress"] and dist_info.is_main
+    show = conf["train"]["progress"] and dist_info.is_main and evaluated is None
     for plan in tqdm(plans, desc="models", disable=not show, dynamic_ncols=True):
         try:
             trained.append(train_model(plan, valid.task, conf["train"],
@@ -175,58 +181,7 @@ def _train_all(conf: dict[str, Any], valid: ValidConfig, out: Path, seed: int,
             if dist_info.is_main:
                 write_status(out, "failed", model=plan.run_id, message=str(err))
             raise
-    return trained
-
-
-def _train_in_parallel(conf: dict[str, Any], plans: list[Any], out: Path, seed: int,
-                       workers: int) -> None:
-    """Train independent models in ``workers`` processes (one CPU thread each).
-
-    Each worker seeds exactly as the sequential path does (``train_model`` seeds its own
-    streams), so results do not depend on ``workers``. A worker's ``TrainingFailed`` is re-raised.
-    """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    context = multiprocessing.get_context("spawn")
-    quiet = dict(conf["train"], progress=False)
-    show = conf["train"]["progress"]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = [pool.submit(_train_worker, plan, quiet, str(out / "models" / plan.run_id),
-                               seed, max(1, conf["threads"])) for plan in plans]
-        for future in tqdm(as_completed(futures), total=len(futures), disable=not show,
-                           desc=f"train ({workers} processes)", dynamic_ncols=True):
-            future.result()
-
-
-def _train_worker(plan: Any, train_cfg: dict[str, Any], model_dir: str, seed: int,
-                  threads: int) -> str:
-    from experiments.tasks import build_task
-    from experiments.train import train_model
-
-    _exit_with_parent()
-    torch.set_num_threads(threads)
-    task_cfg = dict(plan.task_cfg)
-    task = build_task(task_cfg.pop("name"), **task_cfg)
-    train_model(plan, task, train_cfg, Path(model_dir), seed)
-    return plan.run_id
-
-
-def _exit_with_parent() -> None:
-    """Stop this worker when the main process dies (a killed run must not leave trainers behind
-    writing checkpoints that a re-run is resuming from)."""
-    import os
-    import threading
-
-    parent = os.getppid()
-
-    def watch() -> None:
-        while True:
-            time.sleep(0.5)
-            if os.getppid() != parent:
-                os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
+    return trained, evaluated
 
 
 def _finish_distributed(dist_info: Any) -> None:
@@ -236,7 +191,8 @@ def _finish_distributed(dist_info: Any) -> None:
 
 
 def _evaluate_and_write(conf: dict[str, Any], valid: ValidConfig, trained: list[Any], out: Path,
-                        seed: int, device: torch.device, started: float) -> dict[str, Any]:
+                        seed: int, device: torch.device, started: float,
+                        evaluated: dict[str, Any] | None = None) -> dict[str, Any]:
     from experiments.evaluate import Tables, evaluate_model
     from experiments.figures import draw_all
     from experiments.results import atomic_write_text, write_parquet
@@ -244,8 +200,11 @@ def _evaluate_and_write(conf: dict[str, Any], valid: ValidConfig, trained: list[
     from experiments.train import write_status
 
     tables = Tables()
-    show = conf["train"]["progress"]
+    show = conf["train"]["progress"] and evaluated is None
     for result in tqdm(trained, desc="evaluate", disable=not show, dynamic_ncols=True):
+        if evaluated is not None:  # evaluated by the worker pool, in this same order
+            tables.extend(evaluated[result.plan.run_id])
+            continue
         tables.extend(evaluate_model(result, valid.task, conf["eval"], seed, device,
                                      conf["eval"]["granularity"]))
     frames = tables.frames()

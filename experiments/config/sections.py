@@ -116,7 +116,7 @@ class TrainConfig:
     progress: bool = setting(True)
     """Show a progress bar."""
     workers: int = setting(1, low=1)
-    """Train independent models in this many processes (CPU only)."""
+    """Train, then evaluate, independent models in this many processes (CPU only)."""
 
 
 @dataclass
