@@ -27,6 +27,9 @@ Suite (targets from issue #6):
 7. ``scaling``     forward cost vs loops, sequence length and batch: ratios and log-log exponent.
 8. ``verdicts``    classifying an evaluation's trajectories / producing them <= 0.1.
 9. ``study``       wall time of ``loopscope`` with no arguments / 300 s <= 1 (not in --quick).
+10. ``study_ab``   the default study of this tree / of a baseline tree (``LOOPSCOPE_BASELINE``),
+                   alternating, with its results tables compared: <= 0.5 (issue 14; not in
+                   --quick, and not in the default suite: it needs the baseline checkout).
 """
 
 from __future__ import annotations
@@ -52,10 +55,11 @@ MODULES = {
     "solvers": "experiments.bench.solvers", "per_sample": "experiments.bench.solvers",
     "memory": "experiments.bench.solvers", "throughput": "experiments.bench.loop",
     "scaling": "experiments.bench.loop", "verdicts": "experiments.bench.study",
-    "study": "experiments.bench.study",
+    "study": "experiments.bench.study", "study_ab": "experiments.bench.ab",
 }
 SUITE = tuple(MODULES)
-NOT_QUICK = ("study",)
+NOT_QUICK = ("study", "study_ab")
+ON_REQUEST = ("study_ab",)  # run only when named with --only
 COLUMNS = ("benchmark", "what is compared", "median ratio", "min–max", "target", "pass/fail")
 
 
@@ -89,7 +93,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def select(only: str | None, quick: bool, parser: argparse.ArgumentParser) -> list[str]:
     """The benchmark names to run, in suite order; unknown names end with a usage error."""
     if only is None:
-        return [name for name in SUITE if not (quick and name in NOT_QUICK)]
+        return [name for name in SUITE
+                if name not in ON_REQUEST and not (quick and name in NOT_QUICK)]
     names = [name.strip() for name in only.split(",") if name.strip()]
     unknown = [name for name in names if name not in SUITE]
     if unknown or not names:
