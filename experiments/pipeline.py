@@ -37,11 +37,12 @@ def plan_cost(plan: Any) -> float:
 
 
 def run_pool(conf: dict[str, Any], plans: list[Any], out: Path, seed: int, workers: int,
-             evaluate: bool) -> dict[str, Any]:
+             evaluate: bool) -> tuple[dict[str, Any], dict[str, float]]:
     """Train every plan (and evaluate it, when ``evaluate``) in ``workers`` processes.
 
     Returns:
-        run_id -> ``experiments.evaluate.Tables`` of all its splits (empty when not evaluating).
+        run_id -> ``experiments.evaluate.Tables`` of all its splits (empty when not evaluating),
+        and the worker seconds spent training and evaluating (``train_s``, ``evaluate_s``).
     """
     import multiprocessing
 
@@ -52,6 +53,7 @@ def run_pool(conf: dict[str, Any], plans: list[Any], out: Path, seed: int, worke
     splits = sorted(conf["eval"]["splits"], key=lambda s: -SPLIT_COST.get(s, 1.0))
     jobs = len(plans) * (1 + len(splits) * evaluate)
     parts: dict[tuple[str, str], Any] = {}
+    seconds = {"train_s": 0.0, "evaluate_s": 0.0}
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool, \
             tqdm(total=jobs, disable=not conf["train"]["progress"], dynamic_ncols=True,
@@ -65,7 +67,8 @@ def run_pool(conf: dict[str, Any], plans: list[Any], out: Path, seed: int, worke
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 kind, item = pending.pop(future)
-                result = future.result()  # a worker's TrainingFailed etc. is re-raised here
+                result, took = future.result()  # a worker's TrainingFailed etc. is re-raised
+                seconds[f"{kind}_s"] += took
                 bar.update()
                 if kind == "train" and evaluate:
                     for split in splits:
@@ -80,7 +83,7 @@ def run_pool(conf: dict[str, Any], plans: list[Any], out: Path, seed: int, worke
         tables[plan.run_id] = Tables()
         for split in conf["eval"]["splits"]:
             tables[plan.run_id].extend(parts[(plan.run_id, split)])
-    return tables
+    return tables, seconds
 
 
 def _task_of(plan: Any) -> Any:
@@ -91,26 +94,29 @@ def _task_of(plan: Any) -> Any:
 
 
 def _train_job(plan: Any, train_cfg: dict[str, Any], model_dir: str, seed: int,
-               threads: int) -> str:
+               threads: int) -> tuple[str, float]:
     from experiments.train import train_model
 
     _exit_with_parent()
     torch.set_num_threads(threads)
+    start = time.perf_counter()
     train_model(plan, _task_of(plan), train_cfg, Path(model_dir), seed)
-    return plan.run_id
+    return plan.run_id, time.perf_counter() - start
 
 
 def _evaluate_job(plan: Any, train_cfg: dict[str, Any], model_dir: str, seed: int,
-                  threads: int, eval_cfg: dict[str, Any]) -> Any:
+                  threads: int, eval_cfg: dict[str, Any]) -> tuple[Any, float]:
     from experiments.evaluate import evaluate_model
     from experiments.train import train_model
 
     _exit_with_parent()
     torch.set_num_threads(threads)
     task = _task_of(plan)
+    start = time.perf_counter()
     trained = train_model(plan, task, train_cfg, Path(model_dir), seed)  # loads the finished one
-    return evaluate_model(trained, task, eval_cfg, seed, torch.device("cpu"),
-                          eval_cfg["granularity"])
+    tables = evaluate_model(trained, task, eval_cfg, seed, torch.device("cpu"),
+                            eval_cfg["granularity"])
+    return tables, time.perf_counter() - start
 
 
 _WATCHING: list[bool] = []  # the watcher runs once per worker process

@@ -40,6 +40,9 @@ from experiments.results.rundir import check_fingerprint, prepare_out_dir, resul
 
 CONFIG_MODULE = "experiments.conf"
 MAX_PREFLIGHT_JOBS = 64
+# seconds per stage of the current run (main process; "pool": worker seconds training and
+# evaluating when train.workers > 1), recorded in run.json as "timing"
+TIMING: dict[str, Any] = {}
 PASS_THROUGH_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i",
                       "--shell-completion", "-sc", "--resolve", "--package", "-p")
 
@@ -64,6 +67,7 @@ def run(cfg: DictConfig | Mapping[str, Any], out_dir: str | Path | None = None) 
     from experiments.train import init_distributed, read_status, resolve_device, write_status
 
     started = time.perf_counter()
+    TIMING.clear()
     valid = validate_config(cfg)
     conf = valid.cfg
     out = _output_dir(conf, out_dir)
@@ -165,8 +169,10 @@ def _train_all(conf: dict[str, Any], valid: ValidConfig, out: Path, seed: int,
     if workers > 1 and not dist_info.enabled and conf["train"]["device"] in ("auto", "cpu") \
             and not torch.cuda.is_available():
         # the loop below then loads the trained models; the tables come from the pool
-        evaluated = run_pool(conf, plans, out, seed, workers, evaluate=dist_info.is_main)
+        evaluated, TIMING["pool"] = run_pool(conf, plans, out, seed, workers,
+                                             evaluate=dist_info.is_main)
     trained = []
+    started = time.perf_counter()
     show = conf["train"]["progress"] and dist_info.is_main and evaluated is None
     for plan in tqdm(plans, desc="models", disable=not show, dynamic_ncols=True):
         try:
@@ -181,6 +187,7 @@ def _train_all(conf: dict[str, Any], valid: ValidConfig, out: Path, seed: int,
             if dist_info.is_main:
                 write_status(out, "failed", model=plan.run_id, message=str(err))
             raise
+    TIMING["train_s"] = time.perf_counter() - started
     return trained, evaluated
 
 
@@ -200,6 +207,7 @@ def _evaluate_and_write(conf: dict[str, Any], valid: ValidConfig, trained: list[
     from experiments.train import write_status
 
     tables = Tables()
+    evaluating = time.perf_counter()
     show = conf["train"]["progress"] and evaluated is None
     for result in tqdm(trained, desc="evaluate", disable=not show, dynamic_ncols=True):
         if evaluated is not None:  # evaluated by the worker pool, in this same order
@@ -207,13 +215,17 @@ def _evaluate_and_write(conf: dict[str, Any], valid: ValidConfig, trained: list[
             continue
         tables.extend(evaluate_model(result, valid.task, conf["eval"], seed, device,
                                      conf["eval"]["granularity"]))
+    TIMING["evaluate_s"] = time.perf_counter() - evaluating
     frames = tables.frames()
     for name, frame in frames.items():
         write_parquet(frame, out / f"{name}.parquet")
     info = _run_info(conf, trained, seed, device, started)
     atomic_write_text(out / "run.json", json.dumps(info, indent=1, default=str))
     skipped: dict[str, str] = {}
+    drawing = time.perf_counter()
     figures = draw_all(out, skipped=skipped) if conf["eval"]["figures"] else []
+    TIMING["figures_s"] = time.perf_counter() - drawing
+    info["timing"] = dict(TIMING)
     info["wall_seconds"] = time.perf_counter() - started
     info["figures_skipped"] = skipped
     atomic_write_text(out / "run.json", json.dumps(info, indent=1, default=str))

@@ -57,9 +57,10 @@ MODULES = {
     "scaling": "experiments.bench.loop", "verdicts": "experiments.bench.study",
     "study": "experiments.bench.study", "study_ab": "experiments.bench.ab",
 }
-SUITE = tuple(MODULES)
-NOT_QUICK = ("study", "study_ab")
-ON_REQUEST = ("study_ab",)  # run only when named with --only
+ON_REQUEST = ("study_ab",)  # not in the suite; run only when named with --only
+SUITE = tuple(name for name in MODULES if name not in ON_REQUEST)
+KNOWN = (*SUITE, *ON_REQUEST)
+NOT_QUICK = ("study",)
 COLUMNS = ("benchmark", "what is compared", "median ratio", "min–max", "target", "pass/fail")
 
 
@@ -70,7 +71,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="small sizes, few repetitions (< 2 min on 2 cores); skips 'study'")
     parser.add_argument("--only", default=None, metavar="NAME[,NAME]",
-                        help=f"comma-separated subset of: {', '.join(SUITE)}")
+                        help=f"comma-separated subset of: {', '.join(KNOWN)}")
     parser.add_argument("--out", default="bench.json", type=Path,
                         help="where to write the rows as JSON (default: bench.json)")
     parser.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"),
@@ -93,13 +94,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def select(only: str | None, quick: bool, parser: argparse.ArgumentParser) -> list[str]:
     """The benchmark names to run, in suite order; unknown names end with a usage error."""
     if only is None:
-        return [name for name in SUITE
-                if name not in ON_REQUEST and not (quick and name in NOT_QUICK)]
+        return [name for name in SUITE if not (quick and name in NOT_QUICK)]
     names = [name.strip() for name in only.split(",") if name.strip()]
-    unknown = [name for name in names if name not in SUITE]
+    unknown = [name for name in names if name not in KNOWN]
     if unknown or not names:
-        parser.error(f"--only: unknown benchmark(s) {unknown or [only]}; known: {', '.join(SUITE)}")
-    return [name for name in SUITE if name in names]
+        parser.error(f"--only: unknown benchmark(s) {unknown or [only]}; known: {', '.join(KNOWN)}")
+    return [name for name in KNOWN if name in names]
 
 
 def run_suite(names: Sequence[str], cfg: BenchConfig) -> list[Row]:

@@ -473,7 +473,7 @@ def draw_all(run_dir: str | os.PathLike, skipped: dict[str, str] | None = None) 
 def check_tables(tables: dict[str, pd.DataFrame]) -> None:
     """``ValueError`` unless every present table has its schema's columns, some table has rows,
     and a ``results`` table with rows has some finite value."""
-    from experiments.schema import RESULTS_COLUMNS, SAMPLES_COLUMNS, TRACES_COLUMNS
+    from experiments.results.schema import RESULTS_COLUMNS, SAMPLES_COLUMNS, TRACES_COLUMNS
 
     for name, columns in (("results", RESULTS_COLUMNS), ("traces", TRACES_COLUMNS),
                           ("samples", SAMPLES_COLUMNS)):

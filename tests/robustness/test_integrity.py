@@ -73,7 +73,7 @@ def test_the_same_config_is_still_skipped_and_keys_that_change_no_result_are_ign
 
 
 def test_a_changed_config_in_a_killed_run_is_not_resumed(tmp_path, monkeypatch):
-    from experiments.train import _Trainer
+    from experiments.train.trainer import _Trainer
 
     out = tmp_path / "run"
     monkeypatch.setattr(_Trainer, "_save_final", lambda self: (_ for _ in ()).throw(
@@ -151,7 +151,7 @@ def test_the_lock_refuses_a_second_holder_in_the_same_process(tmp_path):
     ("task.max_len=5000", ["task.max_len=5000", "2048"]),
     (f"seed={10**23}", ["seed=", "4294967295"]),
     ("model.clp_a=inf", ["clp_a", "inf", "finite"]),
-    ("+model.rope_base=-1", ["rope_base", "-1", "> 1"]),
+    ("model.rope_base=-1", ["rope_base", "-1", "> 1"]),  # was +model.rope_base (now a key)
     ("model=recurrent_depth model.init_scale=nan", ["init_scale", "nan", "finite"]),
     ("model.dropout=nan", ["dropout", "nan"]),
 ])
