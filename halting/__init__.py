@@ -19,6 +19,7 @@ from halting.base import (
     RunState,
     StepView,
     build_controller,
+    controller_defaults,
     task_loss,
 )
 from halting.depth import sample_training_depth
@@ -32,6 +33,6 @@ __all__ = [
     "CONTROLLERS", "CRITERIA", "GRANULARITIES", "MODES", "TOKEN_POLICIES",
     "AdaptiveComputationTime", "Capabilities", "ConvergenceExit", "Criterion", "FixedLoops",
     "HaltToken", "LoopController", "LoopDraft", "LoopOutput", "OuroGate", "PonderNet", "QHalt",
-    "RunState", "SolverController", "StepView", "build_controller", "run_loop", "set_run_mode",
-    "sample_training_depth", "task_loss",
+    "RunState", "SolverController", "StepView", "build_controller", "controller_defaults",
+    "run_loop", "set_run_mode", "sample_training_depth", "task_loss",
 ]

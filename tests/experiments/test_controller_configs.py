@@ -8,8 +8,7 @@ import yaml
 from _app_helpers import ROOT, compose_cfg
 from omegaconf import OmegaConf
 
-from halting import CONTROLLERS, build_controller
-from halting.base import controller_defaults
+from halting import CONTROLLERS, build_controller, controller_defaults
 
 CONTROLLER_DIR = ROOT / "experiments" / "conf" / "controller"
 

@@ -120,7 +120,7 @@ def test_evaluation_replays_only_when_the_initial_state_is_the_same():
     """recurrent_depth draws z_0 at random: every real run draws anew, so it is not replayed."""
     from types import SimpleNamespace
 
-    from experiments.evaluate.evaluator import Trajectory, _SplitEvaluator
+    from experiments.evaluate.measure import Trajectory, can_replay
 
     for arch, overrides, expected in (("parallel_loop", {}, True),
                                       ("recurrent_depth", {}, False),
@@ -128,9 +128,7 @@ def test_evaluation_replays_only_when_the_initial_state_is_the_same():
         model = SMALL.model(arch, **overrides)
         tokens = SMALL.tokens(batch=4)
         ctx, states = _unroll(model, tokens, 2)
-        evaluator = _SplitEvaluator.__new__(_SplitEvaluator)
-        evaluator.model, evaluator.batch = model, SimpleNamespace(tokens=tokens)
         traj = Trajectory(states, ctx, None, None, None, states.dtype)
         before = torch.get_rng_state()
-        assert evaluator.can_replay(traj) is expected, arch
+        assert can_replay(model, SimpleNamespace(tokens=tokens), traj) is expected, arch
         assert torch.equal(torch.get_rng_state(), before)  # the check draws nothing for good

@@ -17,8 +17,9 @@ import pytest
 import torch
 from _app_helpers import ROOT, TINY, compose_cfg
 
+from experiments.cli.app import main
 from experiments.results.rundir import FINGERPRINT_FILE, RunDirError, config_hash, run_lock
-from experiments.study import main, run
+from experiments.study import run
 
 TINY_FAST = [*TINY, "train.steps=3", "train.checkpoint_every=0", "train.eval_every=0",
              "eval.splits=[val]", "eval.batch_size=16", "eval.spectral_samples=0",
