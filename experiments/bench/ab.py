@@ -12,9 +12,12 @@ difference (the float32 per-loop diagnostics differ from float64 by rounding onl
 metric must be identical), and ``samples.parquet`` / ``traces.parquet`` must be equal. The
 comparison is in the row's ``raw`` and ``note``.
 
-Command (about 7 minutes per pair on a 2-core machine)::
+Command (about 7 minutes per pair on an idle 2-core machine)::
 
     LOOPSCOPE_BASELINE=/work/wt/baseline python -m experiments.bench --only study_ab --reps 1
+
+``LOOPSCOPE_AB_OVERRIDES="train.steps=60 eval.batch_size=256"`` adds overrides to both runs (a
+smaller study for a loaded machine; the row then no longer measures the default study).
 """
 
 from __future__ import annotations
@@ -37,15 +40,16 @@ DEFAULT_BASELINE = "/work/wt/baseline"
 KEYS = {"results": ["run", "split", "controller", "budget", "loop", "metric"],
         "samples": ["run", "split", "controller", "budget", "sample"],
         "traces": ["run", "split", "controller", "budget", "sample", "token", "loop", "metric"]}
-TIMEOUT_S = 1800
+TIMEOUT_S = int(os.environ.get("LOOPSCOPE_AB_TIMEOUT", "3600"))
 
 
 def run_study(tree: Path, out: Path) -> float:
     """Wall seconds of the default study run from source tree ``tree`` into ``out``."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
+    extra = os.environ.get("LOOPSCOPE_AB_OVERRIDES", "").split()
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "experiments", f"out_dir={out}",
-                           f"hydra.run.dir={out}_hydra", "train.progress=false"],
+                           f"hydra.run.dir={out}_hydra", "train.progress=false", *extra],
                           cwd=out.parent, env=env, capture_output=True, text=True,
                           timeout=TIMEOUT_S)
     wall = time.perf_counter() - start
