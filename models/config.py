@@ -168,7 +168,8 @@ class ModelConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                     not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite real number, got {value!r}")
-        if self.rope_base <= 1:  # frequencies base**(-2i/d): base <= 1 gives no rotation or NaN
+        # frequencies base**(-2i/d) must fall with i (the rotary scheme); base <= 0 gives NaN
+        if self.rope_base <= 1:
             raise ValueError(f"rope_base must be a number > 1, got {self.rope_base!r}")
         if self.deq_norm not in DEQ_NORMS:
             raise ValueError(f"deq_norm must be one of {DEQ_NORMS}, got {self.deq_norm!r}")
