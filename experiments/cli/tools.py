@@ -45,6 +45,7 @@ def plot_main(argv: Sequence[str] | None = None) -> None:
 
     skipped: dict[str, str] = {}
     try:
+        check_run(run_dir)  # before anything is written: a bad run leaves its figures as they are
         written = draw_all(run_dir, skipped=skipped)
         report = write_report(run_dir)
     except (ValueError, OSError) as err:
@@ -54,6 +55,21 @@ def plot_main(argv: Sequence[str] | None = None) -> None:
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}")
     print(report)
+
+
+def check_run(run_dir: Path) -> None:
+    """``ValueError`` unless the run's tables are loopscope tables with data and its report can
+    be built (``experiments.figures.check_tables``)."""
+    from experiments.figures import check_tables
+    from experiments.results import load_run
+    from experiments.results.report import _read_info, build_report
+
+    tables = load_run(run_dir)
+    check_tables(tables)
+    try:
+        build_report(tables["results"], tables.get("samples"), _read_info(run_dir), run_dir)
+    except (KeyError, IndexError, TypeError) as err:  # values a loopscope run never writes
+        raise ValueError(f"its report cannot be built: {type(err).__name__}: {err}") from None
 
 
 # -- loopscope-diagnose ----------------------------------------------------------------------------

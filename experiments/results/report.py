@@ -26,6 +26,7 @@ from experiments.results import atomic_write_text, load_run
 from experiments.results.halting_stats import halting_section
 
 VAL = "val"
+DEFAULT_EVAL_COUNT = 256  # n assumed by the standard error when samples.parquet is absent
 
 
 def write_report(run_dir: str | os.PathLike) -> Path:
@@ -50,6 +51,10 @@ def build_report(results: pd.DataFrame, samples: pd.DataFrame | None, info: dict
     quality = "bits_per_byte" if (results["metric"] == "bits_per_byte").any() else "accuracy"
     split = VAL if (results["split"] == VAL).any() else str(results["split"].iloc[0])
     parts = [_header(info, quality)]
+    if samples is None:  # named, so a reader knows why the numbers below assume n
+        parts.append(f"> **samples.parquet is missing** from this run directory: the sweet "
+                     f"spot's standard error assumes n = {DEFAULT_EVAL_COUNT} evaluation "
+                     "samples and the per-sample depth section is left out.")
     sweep = _loop_table(results, quality, split)
     parts.append(_sweep_section(sweep, quality, split))
     parts.append(_sweet_spot_section(sweep, results, samples, quality, split,
@@ -186,9 +191,11 @@ def _sweet_spot_section(sweep: pd.DataFrame, results: pd.DataFrame,
 
 def _eval_count(samples: pd.DataFrame | None, split: str) -> int:
     if samples is None or samples.empty:
-        return 256
+        return DEFAULT_EVAL_COUNT
     part = samples[(samples["split"] == split)]
-    return int(part.groupby(["run", "controller", "budget"]).size().max()) if len(part) else 256
+    if not len(part):
+        return DEFAULT_EVAL_COUNT
+    return int(part.groupby(["run", "controller", "budget"]).size().max())
 
 
 def _dynamics_evidence(results: pd.DataFrame, arch: str, loops: int, split: str,
