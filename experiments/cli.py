@@ -10,8 +10,8 @@ task in the ``train.json`` beside it (or the run's ``run.json``; ``--task`` over
 task's defaults), unrolls it for K loops on fresh task data (default: 4x its training depth, at
 least 32) and prints the share of each trajectory verdict (``fixedpoint.classify`` with the
 model's step map, so aperiodic trajectories split into chaotic / quasi-periodic; periodic ones by
-period) with the median spectral radius at the
-final state and the median contraction rate per verdict.
+period) with the median spectral radius at the final state and the median contraction rate per
+verdict.
 
 Both print one clear line and exit with status 2 on a bad path, a directory that is not a run, or a
 corrupt checkpoint.

@@ -1,7 +1,7 @@
 """Loading and saving adapted transformers checkpoints — local directories only, never the hub.
 
 A loopscope-adapted directory is an ordinary ``save_pretrained`` directory plus two files:
-``loopscope_hf.json`` (the adapter settings: loop layers, injection) and
+``loopscope_hf.json`` (the adapter settings: loop layers, injection, attention implementation) and
 ``loopscope_adapter.safetensors`` (the adapter's own weights: the concat adapter and the halting
 head). ``from_pretrained`` reads them when present, so a saved adapter loads back without
 repeating its settings; explicit arguments override them.
@@ -69,7 +69,8 @@ def from_pretrained(path: str | os.PathLike[str], loop_layers: Any = None,
         loop_layers: ``(a, b)``: decoder layers ``[a, b)`` become the looped core (retrofit
             families; required unless saved with the adapter). Not used by ``hrm_text``.
         injection: ``none`` (default), ``add`` or ``concat`` (retrofit families).
-        attn_implementation: ``eager`` or ``sdpa`` (default: transformers' choice).
+        attn_implementation: ``eager`` or ``sdpa`` (default: the saved adapter's, else
+            transformers' choice).
         dtype: parameter dtype passed to transformers (default: transformers' default).
 
     Returns:
@@ -93,6 +94,7 @@ def from_pretrained(path: str | os.PathLike[str], loop_layers: Any = None,
     saved = _settings(directory)
     loop_layers = saved.get("loop_layers") if loop_layers is None else loop_layers
     injection = injection or saved.get("injection") or "none"
+    attn_implementation = attn_implementation or saved.get("attn_implementation")
     _check_args(model_type, hf_config, loop_layers, injection, attn_implementation)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if attn_implementation is not None:
@@ -154,7 +156,8 @@ def save_pretrained(model: HFLoopedModel, path: str | os.PathLike[str]) -> Path:
     model.hf.save_pretrained(directory)
     settings = {"arch": model.config.arch, "injection": model.config.injection,
                 "loop_layers": None if model.config.loop_layers is None
-                else list(model.config.loop_layers)}
+                else list(model.config.loop_layers),
+                "attn_implementation": model.hf.config._attn_implementation}
     (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.adapter_state().items()}
     save_file(tensors, str(directory / ADAPTER_FILE))
