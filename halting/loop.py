@@ -122,10 +122,6 @@ def _validate(model: Any, tokens: Any, controller: LoopController, max_loops: An
         raise ValueError(f"grad_steps must be None or an integer >= 1, got {grad_steps!r}")
     if not callable(getattr(model, "step", None)):
         raise TypeError(f"model must be a LoopedModel, got {type(model).__name__}")
-    if granularity == "token" and token_policy == "frozen" and not controller.static and \
-            not getattr(model, "supports_frozen_tokens", True):
-        raise ValueError(f"{type(model).__name__} cannot keep frozen keys/values for halted "
-                         "tokens; use token_policy='evolving' or granularity='sample'")
 
 
 class _Run:

@@ -80,10 +80,6 @@ class LoopedModel(nn.Module):
     """Base class: one shared block applied ``loops`` times between an input map and a readout."""
 
     config: ModelConfig
-    # Whether ``step(..., active=mask)`` can compute a partial mask (token granularity, *frozen*
-    # policy); adapters of foreign models whose attention owns its keys/values say False and
-    # ``run_loop`` refuses that combination up front.
-    supports_frozen_tokens: bool = True
 
     def prepare(self, tokens: Tensor, *, capture_attention: bool = False) -> LoopContext:
         raise NotImplementedError

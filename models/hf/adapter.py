@@ -9,10 +9,12 @@ loop. Masks come from transformers' own ``create_causal_mask`` /
 captured call only (fused kernels return no probabilities) and records each attention module's
 returned weights through a forward hook.
 
-Token granularity with the *frozen* policy (halted positions keep visible cached keys/values) is
-not supported: transformers' attention modules compute keys/values inside their forward, so
-``supports_frozen_tokens`` is ``False`` and ``run_loop`` refuses it in one line; the *evolving*
-token policy and sample granularity (with compaction) work.
+Token granularity, *frozen* policy (``step(..., active=mask)``): the active positions of each row
+are packed (``models.layers.TokenPack``) and only they run through the looped layers. The layers
+receive a ``FrozenKV`` as their ``past_key_values``: transformers' attention modules hand it each
+layer's fresh keys/values through ``Cache.update``, and it returns them merged into the ones cached
+for every position the last time it was computed (full steps store them by reference, no copy).
+So halted positions keep their state exactly and stay visible as context, as in ``TransformerLoop``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from models.base import LoopContext, LoopedModel
-from models.layers import RMSNorm
+from models.layers import RMSNorm, TokenPack
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 HALT_BIAS_INIT = -2.0  # same start as TransformerLoop's exit gate: sigmoid(-2) ~= 0.12
@@ -65,8 +67,6 @@ class HFLoopConfig:
 
 class HFLoopedModel(LoopedModel):
     """Base of the transformers adapters; subclasses implement prepare/init_state/step/readout."""
-
-    supports_frozen_tokens = False  # run_loop refuses granularity=token, token_policy=frozen
 
     def __init__(self, hf_model: nn.Module, config: HFLoopConfig) -> None:
         super().__init__()
@@ -123,19 +123,39 @@ class HFLoopedModel(LoopedModel):
             raise ValueError(f"loops must be an integer >= 1, got {loops!r}")
         return loops
 
-    def _check_active(self, z: Tensor, active: Tensor | None) -> bool:
-        """Whether the step may be skipped (no position active); refuses a partial mask."""
+    def token_pack(self, z: Tensor, ctx: LoopContext, k: int, active: Tensor | None
+                   ) -> tuple[bool, TokenPack | None]:
+        """``(skip, pack)`` for a step: skip when no position is active; ``pack`` the packed
+        active positions for a partial mask (``None``: compute every position)."""
         if active is None:
-            return False
+            return False, None
         if active.dtype != torch.bool or active.shape != z.shape[:2]:
             raise ValueError(f"active must be a bool mask of shape {tuple(z.shape[:2])} (B, T), "
                              f"got {active.dtype} {tuple(active.shape)}")
-        if bool(active.all()):
-            return False
-        if not bool(active.any()):
-            return True
-        raise ValueError(f"{type(self).__name__} cannot compute a partial `active` mask (frozen "
-                         "token policy); use token_policy='evolving' or granularity='sample'")
+        fewest, most = torch.stack(torch.aminmax(active.sum(dim=1))).tolist()  # one host sync
+        if fewest == active.shape[1]:
+            return False, None
+        if most == 0:
+            return True, None
+        if not any(name.startswith("hf_kv.") for name in ctx.cache):
+            raise ValueError(f"step k={k} with a partial `active` mask needs the keys/values of a "
+                             "previous full step in ctx.cache; run a step with active=None first")
+        return False, TokenPack.from_mask(active, (fewest, most))
+
+    def pack_masks(self, pack: TokenPack, seq_len: int, dtype: torch.dtype) -> dict[str, Tensor]:
+        """Masks of packed queries over all ``seq_len`` keys per attention type, in the format
+        the current attention implementation reads (bool for sdpa, additive for eager)."""
+        window = getattr(self.hf.config, "sliding_window", None)
+        eager = self.hf.config._attn_implementation == "eager"
+
+        def fmt(mask: Tensor) -> Tensor:
+            if not eager:
+                return mask
+            zero = torch.zeros((), dtype=dtype, device=mask.device)
+            return torch.where(mask, zero, torch.finfo(dtype).min)
+
+        return {"full_attention": fmt(pack.key_mask(seq_len)),
+                "sliding_attention": fmt(pack.key_mask(seq_len, window))}
 
     def hf_masks(self, embeds: Tensor, position_ids: Tensor, eager: bool) -> dict[str, Any]:
         """The model's own 4-D masks per attention type, batch-first so ``ctx.select`` slices them.
@@ -177,16 +197,18 @@ class HFLoopedModel(LoopedModel):
             config._attn_implementation = before
 
     @contextlib.contextmanager
-    def recording(self, ctx: LoopContext, loop: int, kind: str, layer_base: int = 0
-                  ) -> Iterator[None]:
-        """Route attention weights of the next calls into ``ctx.attention`` (if capturing)."""
+    def recording(self, ctx: LoopContext, loop: int, kind: str, layer_base: int = 0,
+                  pack: TokenPack | None = None) -> Iterator[None]:
+        """Route attention weights of the next calls into ``ctx.attention`` (if capturing); with
+        a ``pack`` the probabilities' rows are the packed positions (entry ``positions``)."""
         if ctx.attention is None:
             yield
             return
         log = ctx.attention
+        extra = {} if pack is None else {"positions": pack.pos}
 
         def record(layer: int, probs: Tensor) -> None:
-            log.append({"loop": loop, "layer": layer_base + layer, "kind": kind,
+            log.append({"loop": loop, "layer": layer_base + layer, "kind": kind, **extra,
                         "probs": probs.detach()})
 
         self._record = record  # type: ignore[assignment]
@@ -223,6 +245,30 @@ class HFLoopedModel(LoopedModel):
     def adapter_state(self) -> dict[str, Tensor]:
         """The weights that are the adapter's own (not the HF model's), for saving."""
         return {name: t for name, t in self.state_dict().items() if not name.startswith("hf.")}
+
+
+class FrozenKV:
+    """The ``past_key_values`` a looped step hands transformers' attention modules.
+
+    It implements the one ``Cache`` method they call, ``update(keys, values, slot)``: on a full
+    step it stores each slot's (B, H_kv, T, hd) keys/values in ``store`` (``ctx.cache``, so
+    ``ctx.select`` slices them with their rows) and returns them unchanged; on a packed step it
+    writes the fresh keys/values of the packed positions over the stored ones and returns the
+    merged full-length tensors, so queries see halted positions as they were last computed.
+    """
+
+    def __init__(self, store: dict[str, Any], pack: TokenPack | None) -> None:
+        self.store, self.pack = store, pack
+
+    def update(self, keys: Tensor, values: Tensor, layer_idx: int, *args: Any, **kwargs: Any
+               ) -> tuple[Tensor, Tensor]:
+        name = f"hf_kv.{layer_idx}"
+        if self.pack is not None:
+            old_keys, old_values = self.store[name]
+            keys = self.pack.scatter_heads(old_keys, keys)
+            values = self.pack.scatter_heads(old_values, values)
+        self.store[name] = (keys, values)
+        return keys, values
 
 
 def _batch_first(mask: Any, batch: int) -> Any:

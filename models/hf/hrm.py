@@ -13,7 +13,8 @@ and the readout is ``lm_head(z_H)``, so ``forward(tokens, loops=H_cycles)`` is
 spectral radii cover both. ``L_bp_cycles`` (training-time gradient routing: early L-cycles of
 H-cycle ``h`` run without gradient) is applied as HF does; loops past the list keep one
 L-cycle with gradient. Prefix-LM bidirectional blocks (``token_type_ids``) are not supported:
-loopscope tasks are causal, so every position attends causally.
+loopscope tasks are causal, so every position attends causally. Token granularity keeps frozen
+keys/values per stack invocation of the cycle (see ``models.hf.adapter``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from models.base import LoopContext
-from models.hf.adapter import HFLoopConfig, HFLoopedModel, layer_attention_flops
+from models.hf.adapter import FrozenKV, HFLoopConfig, HFLoopedModel, layer_attention_flops
 
 HRM_TYPES = ("hrm_text",)
 
@@ -75,22 +76,28 @@ class HrmLoop(HFLoopedModel):
         if tuple(z.shape) != (*ctx.tokens.shape, self.d_model):
             raise ValueError(f"state z must have shape {(*ctx.tokens.shape, self.d_model)} "
                              f"(B, T, d_model), got {tuple(z.shape)}")
-        if self._check_active(z, active):
+        skip, pack = self.token_pack(z, ctx, k, active)
+        if skip:
             return z
         body, cfg = self.hf.model, self.hf.config
-        z_h, z_l = z.chunk(2, dim=-1)
-        kwargs = {"attention_mask": ctx.extras["masks"]["full_attention"],
-                  "position_embeddings": ctx.extras["rope"]}
+        z_h, z_l = (z if pack is None else pack.gather(z)).chunk(2, dim=-1)
+        mask, rope = ctx.extras["masks"]["full_attention"], ctx.extras["rope"]
+        if pack is not None:
+            mask = self.pack_masks(pack, z.shape[1], z.dtype)["full_attention"]
+            rope = (pack.gather(rope[0]), pack.gather(rope[1]))
+        kwargs = {"attention_mask": mask, "position_embeddings": rope,
+                  "past_key_values": FrozenKV(ctx.cache, pack)}
         padded = body.L_bp_cycles_padded
         grad_from = cfg.L_cycles - (padded[k] if k < len(padded) else 1)
         n = len(body.L_module.layers)
-        for low in range(cfg.L_cycles):
+        for low in range(cfg.L_cycles):  # cache slots as HF lays them out within one H-cycle
             no_grad = torch.no_grad() if low < grad_from else contextlib.nullcontext()
-            with no_grad, self.recording(ctx, k, "full", layer_base=low * n):
-                z_l = body.L_module(z_l + z_h, **kwargs)
-        with self.recording(ctx, k, "full", layer_base=cfg.L_cycles * n):
-            z_h = body.H_module(z_h + z_l, **kwargs)
-        return torch.cat((z_h, z_l), dim=-1)
+            with no_grad, self.recording(ctx, k, "full", layer_base=low * n, pack=pack):
+                z_l = body.L_module(z_l + z_h, cycle_offset=low * n, **kwargs)
+        with self.recording(ctx, k, "full", layer_base=cfg.L_cycles * n, pack=pack):
+            z_h = body.H_module(z_h + z_l, cycle_offset=cfg.L_cycles * n, **kwargs)
+        out = torch.cat((z_h, z_l), dim=-1)
+        return out if pack is None else pack.scatter(z, out)
 
     def readout(self, z: Tensor, ctx: LoopContext) -> Tensor:
         return self.hf.lm_head(z[..., : self.d_model // 2])

@@ -12,7 +12,7 @@ Every option starts so that one loop reproduces the original model exactly (loop
 ``Core(e)``); more loops reapply the pretrained core. Families: the Llama layout (``llama``,
 ``mistral``, ``qwen2``, ``qwen3``: rotary position embeddings from the model's own
 ``rotary_emb``, per-layer full / sliding-window masks) and ``gpt2`` (learned absolute positions
-added in the prelude).
+added in the prelude). Token granularity with frozen halted positions: see ``models.hf.adapter``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from models.base import LoopContext
-from models.hf.adapter import HFLoopConfig, HFLoopedModel, layer_attention_flops
+from models.hf.adapter import FrozenKV, HFLoopConfig, HFLoopedModel, layer_attention_flops
+from models.layers import TokenPack
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 RETROFIT_TYPES = (*LLAMA_LIKE, "gpt2")
@@ -138,18 +139,22 @@ class RetrofitLoop(HFLoopedModel):
         if tuple(z.shape) != (*ctx.tokens.shape, self.d_model):
             raise ValueError(f"state z must have shape {(*ctx.tokens.shape, self.d_model)} "
                              f"(B, T, d_model), got {tuple(z.shape)}")
-        if self._check_active(z, active):
+        skip, pack = self.token_pack(z, ctx, k, active)
+        if skip:
             return z
+        state = z if pack is None else pack.gather(z)
+        inject = ctx.inject if pack is None else pack.gather(ctx.inject)
         injection = self.config.injection
         if injection == "add":
-            x = z + ctx.inject
+            x = state + inject
         elif injection == "concat":
-            x = self.adapter(torch.cat((z, ctx.inject.to(z.dtype)), dim=-1))
+            x = self.adapter(torch.cat((state, inject.to(z.dtype)), dim=-1))
         else:
-            x = z
+            x = state
         a, b = self.config.loop_layers
-        with self.recording(ctx, k, "full", layer_base=-a):
-            return self._run(range(a, b), x, ctx)
+        with self.recording(ctx, k, "full", layer_base=-a, pack=pack):
+            y = self._run(range(a, b), x, ctx, pack, FrozenKV(ctx.cache, pack))
+        return y if pack is None else pack.scatter(z, y)
 
     def readout(self, z: Tensor, ctx: LoopContext) -> Tensor:
         _, b = self.config.loop_layers
@@ -172,17 +177,24 @@ class RetrofitLoop(HFLoopedModel):
         return 2.0 * (self.config.n_layers * per_layer + adapter)
 
     # -- the layer runs ----------------------------------------------------------------------
-    def _run(self, indices: range, x: Tensor, ctx: LoopContext) -> Tensor:
-        """Decoder layers ``indices`` on ``x`` with the masks / positions prepared in ``ctx``."""
+    def _run(self, indices: range, x: Tensor, ctx: LoopContext, pack: TokenPack | None = None,
+             kv: FrozenKV | None = None) -> Tensor:
+        """Decoder layers ``indices`` on ``x`` with the masks / positions prepared in ``ctx``
+        (gathered at the packed positions when ``pack`` is given)."""
         masks, rope = ctx.extras["masks"], ctx.extras.get("rope")
+        position_ids = ctx.extras["position_ids"]
+        if pack is not None:
+            masks = self.pack_masks(pack, ctx.tokens.shape[1], x.dtype)
+            position_ids = pack.pos
+            rope = None if rope is None else (pack.gather(rope[0]), pack.gather(rope[1]))
         for i in indices:
             layer = self._p.layers[i]
             mask = masks[self.layer_types[i]]
             if rope is None:  # gpt2: positions were added to the embeddings
-                x = layer(x, attention_mask=mask)
+                x = layer(x, attention_mask=mask, past_key_values=kv)
             else:
                 x = layer(x, attention_mask=mask, position_embeddings=rope,
-                          position_ids=ctx.extras["position_ids"])
+                          position_ids=position_ids, past_key_values=kv)
             if isinstance(x, tuple):  # some layers still return (hidden, ...)
                 x = x[0]
         return x

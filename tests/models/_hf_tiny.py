@@ -61,7 +61,7 @@ def tokens(batch: int = 3, seq: int = 12, seed: int = 1) -> Tensor:
 
 
 class ScriptedExit(LoopController):
-    """Row ``i`` stops after ``plan[i]`` loops (sample granularity)."""
+    """Row (token) ``i`` stops after ``plan[i]`` loops: a (B,) or, per token, a (B, T) plan."""
 
     name = "scripted"
     granularities = ("sample", "token")
@@ -71,8 +71,10 @@ class ScriptedExit(LoopController):
         self.plan = plan
 
     def decide(self, view: StepView) -> Tensor:
-        plan = self.plan[view.rows] == view.loops
-        return plan if view.granularity == "sample" else plan.unsqueeze(1).expand_as(view.z[..., 0])
+        stop = self.plan[view.rows] == view.loops
+        if view.granularity == "token" and stop.dim() == 1:
+            stop = stop.unsqueeze(1).expand(-1, view.z.shape[1])
+        return stop
 
 
 def count_step_rows(model: torch.nn.Module) -> list[int]:

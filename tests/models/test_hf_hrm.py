@@ -67,3 +67,21 @@ def test_compaction_and_attention_capture():
     # two layers per stack: L_cycles=2 L-stack calls (layers 0-3), then the H stack (4, 5)
     assert [(e["loop"], e["layer"]) for e in ctx.attention] == [(0, i) for i in range(6)]
     assert ctx.attention[0]["probs"].shape == (3, 4, 12, 12)
+
+
+def test_token_granularity_with_frozen_halted_positions():
+    model = HrmLoop(hf_model("hrm_text"))
+    x = tokens(batch=2)
+    active = torch.zeros(2, 12, dtype=torch.bool)
+    active[0, :4], active[1, :10] = True, True
+    with torch.no_grad():
+        ctx = model.prepare(x)
+        z1 = model.step(model.init_state(ctx), ctx, 0)
+        full = model.step(z1, ctx, 1)
+        part = model.step(z1, ctx, 1, active=active)
+        plan = torch.tensor([[1] * 6 + [2] * 6, [2] * 12])
+        out = run_loop(model, x, ScriptedExit(plan), max_loops=2, granularity="token")
+    # an active prefix sees only fresh keys/values: exactly the full step there
+    torch.testing.assert_close(part[active], full[active], rtol=1e-5, atol=1e-5)
+    assert torch.equal(part[~active], z1[~active])
+    assert out.depth.tolist() == plan.tolist() and out.executed == 24 + 18

@@ -71,21 +71,68 @@ def test_compaction_does_not_recompute_halted_rows():
         torch.testing.assert_close(out.logits[row: row + 1], alone, rtol=1e-5, atol=1e-5)
 
 
-def test_frozen_token_policy_is_refused_and_evolving_runs():
-    model = RetrofitLoop(hf_model("llama"), (1, 3)).eval()
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_token_granularity_computes_only_running_tokens(family):
+    model = RetrofitLoop(hf_model(family), (1, 3), "add").eval()
     x = tokens(batch=2)
-    plan = torch.tensor([1, 3])
-    with pytest.raises(ValueError, match="token_policy='evolving'"):
-        run_loop(model, x, ScriptedExit(plan), max_loops=3, granularity="token")
+    plan = torch.tensor([[1] * 6 + [3] * 6, [2] * 12])  # row 1 leaves the batch after loop 2
     with torch.no_grad():
-        out = run_loop(model, x, ScriptedExit(plan), max_loops=3, granularity="token",
-                       token_policy="evolving")
-    assert out.depth.tolist() == [[1] * 12, [3] * 12]
-    partial = torch.ones(2, 12, dtype=torch.bool)
-    partial[0, 3] = False
-    ctx = model.prepare(x)
-    with pytest.raises(ValueError, match="partial `active` mask"):
-        model.step(model.init_state(ctx), ctx, 1, active=partial)
+        out = run_loop(model, x, ScriptedExit(plan), max_loops=3, granularity="token")
+    assert out.depth.tolist() == plan.tolist()
+    assert out.executed == 24 + 18 + 6  # every token, then the running ones only
+    assert bool(out.logits.isfinite().all())
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_frozen_prefix_matches_transformers_kv_cache(attn):
+    """Halted prefix, running suffix: the suffix must see the prefix's keys/values from the
+    previous loop — exactly what transformers' own DynamicCache gives incremental decoding."""
+    from transformers import DynamicCache
+
+    original = hf_model("llama", attn=attn)
+    model = RetrofitLoop(original, (1, 3)).eval()
+    x, p = tokens(batch=2), 7
+    active = torch.zeros(2, 12, dtype=torch.bool)
+    active[:, p:] = True
+    with torch.no_grad():
+        ctx = model.prepare(x)
+        z0 = model.init_state(ctx)
+        z1 = model.step(z0, ctx, 0)
+        z2 = model.step(z1, ctx, 1, active=active)
+        cache = DynamicCache(config=original.config)
+        body = original.model
+        for part, h in ((slice(0, p), z0), (slice(p, 12), z1)):
+            pos = torch.arange(12)[part].unsqueeze(0)
+            h = h[:, part]
+            seen = torch.arange(pos.max() + 1)  # keys cached so far plus these queries
+            mask = (seen <= pos.view(-1, 1)).view(1, 1, -1, seen.numel())
+            if attn == "eager":
+                mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo().min)
+            rope = body.rotary_emb(h, pos)
+            for layer in body.layers[1:3]:
+                h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=pos,
+                          past_key_values=cache, use_cache=True)
+        recomputed = model.step(z1, ctx, 1)[:, p:]  # the prefix recomputed from z1 instead
+    assert torch.equal(z2[:, :p], z1[:, :p])  # halted positions keep their state exactly
+    torch.testing.assert_close(z2[:, p:], h, rtol=1e-5, atol=1e-5)
+    assert (recomputed - h).abs().max() > 1e-3  # so the check tells frozen from recomputed
+
+
+def test_frozen_suffix_leaves_the_prefix_as_a_full_step():
+    model = RetrofitLoop(hf_model("mistral"), (1, 3)).eval()
+    x = tokens(batch=2)
+    active = torch.zeros(2, 12, dtype=torch.bool)
+    active[0, :5], active[1, :9] = True, True  # rows with different counts: padded pack
+    with torch.no_grad():
+        ctx = model.prepare(x)
+        z1 = model.step(model.init_state(ctx), ctx, 0)
+        full = model.step(z1, ctx, 1)
+        part = model.step(z1, ctx, 1, active=active)
+    torch.testing.assert_close(part[active], full[active], rtol=1e-5, atol=1e-5)
+    assert torch.equal(part[~active], z1[~active])
+    with pytest.raises(ValueError, match="previous full step"):
+        fresh = model.prepare(x)
+        model.step(model.init_state(fresh), fresh, 1, active=active)
 
 
 def test_attention_capture_records_prelude_core_and_coda():
