@@ -190,3 +190,21 @@ def test_flops_and_halting_head():
         logit = model.halt_logit(model.init_state(ctx), ctx)
     assert logit.shape == (3, 12)
     assert (model.vocab_size, model.d_model, model.halt_token_id) == (VOCAB, 32, None)
+
+
+def test_per_loop_diagnostics_read_the_adapter():
+    from experiments.diagnostics import per_loop_table
+
+    model = RetrofitLoop(hf_model("qwen3"), (1, 3), "add").eval()
+    x = tokens(batch=2)
+    with torch.no_grad():
+        ctx = model.prepare(x, capture_attention=True)
+        states, logits = [model.init_state(ctx)], []
+        for k in range(4):
+            states.append(model.step(states[-1], ctx, k))
+            logits.append(model.readout(states[-1], ctx))
+    table = per_loop_table(torch.stack(states), ctx.attention, torch.stack(logits))
+    metrics = set(table["metric"])
+    assert {"relative_residual", "attention_js", "logit_lens_kl", "effective_rank"} <= metrics
+    js = table[table["metric"] == "attention_js"]
+    assert js["loop"].tolist() == [2, 3, 4] and bool((js["value"] > 0).all())
