@@ -71,7 +71,7 @@ def test_errors_are_one_clear_line(tmp_path, monkeypatch):
 
 
 def test_diagnose_takes_a_checkpoint_directory(tmp_path, capsys):
-    from experiments.cli import diagnose_main
+    from experiments.cli.tools import diagnose_main
 
     saved("llama", tmp_path / "ck")  # vocab 50 and 64 positions fit the parity task
     diagnose_main([str(tmp_path / "ck"), "--loop-layers", "1", "3", "--task", "parity",
@@ -89,7 +89,7 @@ def test_diagnose_takes_a_checkpoint_directory(tmp_path, capsys):
 def test_a_study_refuses_an_hf_model_in_one_line():
     from _app_helpers import compose_cfg
 
-    from experiments.validate import ConfigError, validate_config
+    from experiments.config.validate import ConfigError, validate_config
 
     cfg = compose_cfg(["model=hf_retrofit", "model.path=/ckpt/llama"])
     with pytest.raises(ConfigError, match="loopscope-diagnose /ckpt/llama --loop-layers"):

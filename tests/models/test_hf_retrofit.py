@@ -193,7 +193,7 @@ def test_flops_and_halting_head():
 
 
 def test_per_loop_diagnostics_read_the_adapter():
-    from experiments.diagnostics import per_loop_table
+    from experiments.evaluate.diagnostics import per_loop_table
 
     model = RetrofitLoop(hf_model("qwen3"), (1, 3), "add").eval()
     x = tokens(batch=2)
