@@ -76,6 +76,9 @@ class HFLoopedModel(LoopedModel):
         self.halt_head = nn.Linear(config.d_model, 1)
         nn.init.normal_(self.halt_head.weight, 0.0, 0.02)
         nn.init.constant_(self.halt_head.bias, HALT_BIAS_INIT)
+        self.param_dtype = next(hf_model.parameters()).dtype  # a bf16 checkpoint stays bf16
+        self.halt_norm.to(self.param_dtype)
+        self.halt_head.to(self.param_dtype)
         self._record: Callable[[str, Tensor], None] | None = None
 
     # -- properties callers read -----------------------------------------------------------
@@ -122,6 +125,15 @@ class HFLoopedModel(LoopedModel):
         if isinstance(loops, bool) or not isinstance(loops, int) or loops < 1:
             raise ValueError(f"loops must be an integer >= 1, got {loops!r}")
         return loops
+
+    def check_step(self, z: Tensor, ctx: LoopContext, k: object) -> None:
+        """Reject a bad loop index or a state whose shape does not match the context."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"loop index k must be an integer >= 0, got {k!r}")
+        want = (*ctx.tokens.shape, self.d_model)
+        if not isinstance(z, Tensor) or tuple(z.shape) != want:
+            got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            raise ValueError(f"state z must have shape {want} (B, T, d_model), got {got}")
 
     def token_pack(self, z: Tensor, ctx: LoopContext, k: int, active: Tensor | None
                    ) -> tuple[bool, TokenPack | None]:

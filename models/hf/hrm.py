@@ -71,11 +71,7 @@ class HrmLoop(HFLoopedModel):
         return torch.cat((ctx.inject, z_l), dim=-1)
 
     def step(self, z: Tensor, ctx: LoopContext, k: int, active: Tensor | None = None) -> Tensor:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"loop index k must be an integer >= 0, got {k!r}")
-        if tuple(z.shape) != (*ctx.tokens.shape, self.d_model):
-            raise ValueError(f"state z must have shape {(*ctx.tokens.shape, self.d_model)} "
-                             f"(B, T, d_model), got {tuple(z.shape)}")
+        self.check_step(z, ctx, k)
         skip, pack = self.token_pack(z, ctx, k, active)
         if skip:
             return z

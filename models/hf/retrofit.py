@@ -103,6 +103,7 @@ class RetrofitLoop(HFLoopedModel):
             with torch.no_grad():
                 eye = torch.eye(dim, dtype=self.adapter.weight.dtype)
                 self.adapter.weight.copy_(torch.cat([eye, eye], dim=1))
+            self.adapter.to(self.param_dtype)
         self.hook_attention(parts.attention)
 
     # -- the interface -----------------------------------------------------------------------
@@ -134,11 +135,7 @@ class RetrofitLoop(HFLoopedModel):
         return torch.zeros_like(ctx.inject)
 
     def step(self, z: Tensor, ctx: LoopContext, k: int, active: Tensor | None = None) -> Tensor:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"loop index k must be an integer >= 0, got {k!r}")
-        if tuple(z.shape) != (*ctx.tokens.shape, self.d_model):
-            raise ValueError(f"state z must have shape {(*ctx.tokens.shape, self.d_model)} "
-                             f"(B, T, d_model), got {tuple(z.shape)}")
+        self.check_step(z, ctx, k)
         skip, pack = self.token_pack(z, ctx, k, active)
         if skip:
             return z

@@ -94,3 +94,17 @@ def test_a_study_refuses_an_hf_model_in_one_line():
     cfg = compose_cfg(["model=hf_retrofit", "model.path=/ckpt/llama"])
     with pytest.raises(ConfigError, match="loopscope-diagnose /ckpt/llama --loop-layers"):
         validate_config(cfg)
+
+
+def test_a_bf16_checkpoint_runs_in_bf16(tmp_path):
+    _, directory = saved("llama", tmp_path)
+    model = from_pretrained(directory, loop_layers=(1, 3), injection="concat",
+                            dtype=torch.bfloat16)
+    x = tokens()
+    with torch.no_grad():
+        ctx = model.prepare(x)
+        z = model.step(model.init_state(ctx), ctx, 0)
+        assert model.readout(z, ctx).dtype == torch.bfloat16
+        assert model.halt_logit(z, ctx).shape == (3, 12)
+    with pytest.raises(ValueError, match=r"state z must have shape \(3, 12, 32\)"):
+        model.step(z[:, :5], ctx, 1)
