@@ -81,7 +81,7 @@ def diagnose_main(argv: Sequence[str] | None = None) -> None:
         fail(prog, f"--loops must be >= 8 to classify a trajectory, got {args.loops}")
     if args.batch < 1:
         fail(prog, f"--batch must be >= 1, got {args.batch}")
-    if Path(args.checkpoint).is_dir():
+    if Path(args.checkpoint).is_dir() and Path(args.checkpoint).suffix != ".safetensors":
         model, meta = _load_hf(prog, Path(args.checkpoint), args.loop_layers, args.injection)
     else:
         model, meta = _load(prog, Path(args.checkpoint))

@@ -17,6 +17,7 @@ from typing import Any
 from models.hf.adapter import ATTN_IMPLEMENTATIONS, HFLoopedModel
 from models.hf.hrm import HRM_TYPES, HrmLoop
 from models.hf.retrofit import INJECTIONS, RETROFIT_TYPES, RetrofitLoop
+from models.io import _atomic_write as atomic_write
 
 SUPPORTED_MODEL_TYPES = (*RETROFIT_TYPES, *HRM_TYPES)
 SETTINGS_FILE = "loopscope_hf.json"
@@ -158,7 +159,8 @@ def save_pretrained(model: HFLoopedModel, path: str | os.PathLike[str]) -> Path:
                 "loop_layers": None if model.config.loop_layers is None
                 else list(model.config.loop_layers),
                 "attn_implementation": model.hf.config._attn_implementation}
-    (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    text = json.dumps(settings, indent=2) + "\n"
+    atomic_write(directory / SETTINGS_FILE, lambda tmp: Path(tmp).write_text(text))
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.adapter_state().items()}
-    save_file(tensors, str(directory / ADAPTER_FILE))
+    atomic_write(directory / ADAPTER_FILE, lambda tmp: save_file(tensors, tmp))
     return directory
