@@ -1,4 +1,4 @@
-"""The typed settings are the one source of defaults; YAML only overrides; checks follow the fields."""
+"""Typed settings are the one source of defaults; YAML only overrides; checks follow the fields."""
 
 from __future__ import annotations
 
