@@ -18,6 +18,7 @@ from halting.base import (
                           task_loss,
 )
 from halting.depth import sample_training_depth
+from halting.generate import GenerateOutput, generate
 from halting.learned import AdaptiveComputationTime, HaltToken, OuroGate, PonderNet
 from halting.loop import TOKEN_POLICIES, run_loop
 from halting.qhalt import QHalt
@@ -26,7 +27,7 @@ from halting.solver import SolverController
 
 __all__ = [
     "CONTROLLERS", "CRITERIA", "GRANULARITIES", "TOKEN_POLICIES", "AdaptiveComputationTime",
-    "ConvergenceExit", "FixedLoops", "HaltToken", "LoopController", "LoopOutput", "OuroGate",
-    "PonderNet", "QHalt", "SolverController", "StepView", "build_controller", "run_loop",
-    "sample_training_depth", "task_loss",
+    "ConvergenceExit", "FixedLoops", "GenerateOutput", "HaltToken", "LoopController",
+    "LoopOutput", "OuroGate", "PonderNet", "QHalt", "SolverController", "StepView",
+    "build_controller", "generate", "run_loop", "sample_training_depth", "task_loss",
 ]
