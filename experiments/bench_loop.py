@@ -35,7 +35,7 @@ from experiments.bench_core import (
     ratios,
 )
 from halting import build_controller, run_loop
-from halting.base import LoopController, StepView
+from halting.base import Capabilities, LoopController, StepView
 from models import build_model
 
 
@@ -126,7 +126,8 @@ class ScriptedExit(LoopController):
             raise ValueError(f"plan must be a (B,) or (B, T) int64 tensor, got {plan.dtype} "
                              f"{tuple(plan.shape)}")
         self.plan = plan
-        self.granularities = ("sample",) if plan.dim() == 1 else ("token",)
+        self.capabilities = Capabilities(granularities=("sample",) if plan.dim() == 1
+                                         else ("token",))
 
     def decide(self, view: StepView) -> Tensor | None:
         return self.plan[view.rows] == view.loops  # (n,) or (n, T)

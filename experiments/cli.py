@@ -126,10 +126,10 @@ def _task(prog: str, name: str | None, meta: dict[str, Any], model: Any) -> Any:
         task = build_task(cfg.pop("name"), **cfg)
     except (KeyError, ValueError, TypeError) as err:
         fail(prog, f"task: {one_line(err)}")
-    config = model.config
-    if task.vocab_size > config.vocab_size or task.seq_len > config.max_seq_len:
+    max_len = model.config.max_seq_len  # a saved checkpoint: always a built architecture
+    if task.vocab_size > model.vocab_size or task.seq_len > max_len:
         fail(prog, f"task {task.name!r} (vocab {task.vocab_size}, length {task.seq_len}) does "
-              f"not fit the model (vocab {config.vocab_size}, max length {config.max_seq_len})")
+              f"not fit the model (vocab {model.vocab_size}, max length {max_len})")
     return task
 
 

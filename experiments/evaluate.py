@@ -233,7 +233,7 @@ class _SplitEvaluator:
     # -- 2. rows of the fixed sweep ---------------------------------------------------------------
     def fixed_rows(self, traj: Trajectory, verdicts: dict[str, Any], radius: Tensor) -> None:
         flops_step = self.model.flops_per_token_step(self.batch.tokens.shape[1])
-        readout = 2.0 * self.model.config.d_model * self.model.config.vocab_size
+        readout = 2.0 * self.model.d_model * self.model.vocab_size
         rows = []
         for k in range(1, self.sweep + 1):
             values = self._quality_values(traj.correct[k - 1], traj.loss[k - 1])

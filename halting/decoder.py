@@ -8,7 +8,6 @@ controller protocol needs (``begin`` / ``decide`` / ``finish``) goes through ``_
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from halting.base import LoopController, LoopOutput, StepView
+from halting.base import LoopController, LoopDraft, RunState, StepView
 from models.base import LoopContext
 from models.kv_cache import DecodePositions
 
@@ -63,17 +62,20 @@ class GenerateOutput:
 # -- the controller protocol, in one place -----------------------------------------------------
 def _begin(controller: LoopController, batch: int, seq_len: int, max_loops: int,
            device: torch.device) -> None:
-    controller.begin(batch, seq_len, max_loops, "token", device)
-    controller._run["min_loops"] = controller.min_loops()  # what run_loop sets (min_loops=1)
+    """A fresh ``RunState`` per run (the prompt, then each new token: one unit per row)."""
+    controller.begin(RunState(batch=batch, seq_len=seq_len, max_loops=max_loops,
+                              min_loops=max(1, controller.min_loops()), granularity="token",
+                              device=device, training=False))
 
 
 def _finish(controller: LoopController, logits: Tensor, depth: Tensor, executed: int,
             max_loops: int) -> Tensor:
-    """``finish`` with the output of one run; returns the logits it leaves (ACT: its mixture)."""
-    out = LoopOutput(logits=logits, depth=depth, executed=executed, max_loops=max_loops,
-                     granularity="token", training=False)
-    controller.finish(out)
-    return out.logits
+    """``finish`` with the draft of one run; returns the logits it leaves (ACT: its mixture)."""
+    provided = controller.capabilities.sets_logits(False)
+    draft = LoopDraft(logits=None if provided else logits, depth=depth, executed=executed,
+                      max_loops=max_loops, granularity="token", training=False)
+    controller.finish(draft)
+    return draft.complete(controller.name).logits
 
 
 class _DecodeView(StepView):
@@ -92,12 +94,6 @@ class _DecodeView(StepView):
         return self._cache["logits"]
 
 
-def _init_state(model: nn.Module, ctx: LoopContext, generator: torch.Generator | None) -> Tensor:
-    if generator is not None and "generator" in inspect.signature(model.init_state).parameters:
-        return model.init_state(ctx, generator=generator)
-    return model.init_state(ctx)
-
-
 def _cache_dtype(model: nn.Module) -> torch.dtype:
     device = model.device.type
     if device == "cuda" and torch.is_autocast_enabled(device):
@@ -108,7 +104,7 @@ def _cache_dtype(model: nn.Module) -> torch.dtype:
 def _decide(controller: LoopController, view: StepView, last: bool) -> Tensor | None:
     """The controller's stops (n, T) after a loop; none at the cap (it still sees the step)."""
     stop = controller.decide(view)
-    if last or stop is None or view.loops < controller._run["min_loops"]:
+    if last or stop is None or view.loops < controller.run.min_loops:
         return None
     return stop
 
@@ -141,7 +137,7 @@ class Decoder:
         self.prompts = prompts
         capacity = max(self.lengths_host) + max(max_new - 1, 0)
         self.cache = model.new_decode_cache(self.batch, capacity, loops, dtype=_cache_dtype(model))
-        self.static = controller.static
+        self.static = controller.capabilities.static
         self.executed = 0
 
     # -- the whole run ---------------------------------------------------------------------------
@@ -195,7 +191,7 @@ class Decoder:
         logits (B, V) and depth (B,), and every position's depth (B, L), 0 at padding."""
         model, batch, seq = self.model, *tokens.shape
         ctx = model.prepare(tokens, keep_kv=True)
-        z = _init_state(model, ctx, self.generator)
+        z = model.init_state(ctx, generator=self.generator)
         valid = torch.arange(seq, device=self.device) < self.lengths.unsqueeze(1)  # (B, L)
         active = torch.ones_like(valid)
         depth = torch.full((batch, seq), self.loops, dtype=torch.long, device=self.device)
@@ -240,7 +236,7 @@ class Decoder:
                              max(self.lengths_host) + step)
         ids = token.view(-1, 1)
         inject = model.decode_inject(ids, self.cache, at)
-        z0 = _init_state(model, LoopContext(tokens=ids, inject=inject), self.generator)
+        z0 = model.init_state(LoopContext(tokens=ids, inject=inject), generator=self.generator)
         _begin(self.controller, self.batch, 1, self.loops, self.device)
         run = self._parallel_token if self.parallel else self._sequential_token
         states, depth, early = run(z0, inject, at)

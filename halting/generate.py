@@ -45,8 +45,9 @@ from torch import Tensor, nn
 
 from halting.base import LoopController, build_controller
 from halting.decoder import Decoder, GenerateOutput
+from halting.loop import set_run_mode
 
-MODES = ("auto", "parallel", "sequential")
+DECODE_MODES = ("auto", "parallel", "sequential")
 
 
 def generate(model: nn.Module, prompt_tokens: Tensor | Sequence[Sequence[int] | Tensor],
@@ -146,12 +147,12 @@ def _validate(model: Any, prompts: list[Tensor], controller: LoopController, max
     if generator is not None and torch.device(generator.device).type != model.device.type:
         raise ValueError(f"generator is on {generator.device} but the model is on "
                          f"{model.device}; make it with torch.Generator(device=...)")
-    if "token" not in controller.granularities or getattr(controller, "drives_loop", False):
+    if "token" not in controller.granularities or controller.capabilities.drives_loop:
         raise ValueError(f"controller {controller.name!r} cannot decide per token (supports "
                          f"{controller.granularities}); use fixed, convergence, act, pondernet, "
                          "ouro_gate or halt_token")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode not in DECODE_MODES:
+        raise ValueError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
     can_parallel = bool(getattr(model, "parallel_decode", False))
     if mode == "parallel" and not can_parallel:
         raise ValueError(f"mode='parallel' needs a parallel_loop model with clp=True and "
@@ -161,12 +162,12 @@ def _validate(model: Any, prompts: list[Tensor], controller: LoopController, max
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module, controller: LoopController) -> Iterator[None]:
-    """Decode in evaluation mode; restore the callers' modes afterwards."""
+    """Decode in evaluation mode (model and controller); restore the callers' modes after."""
     modes = (model.training, controller.training)
     model.eval()
-    controller.eval()
+    set_run_mode(controller, model, "eval")
     try:
         yield
     finally:
         model.train(modes[0])
-        controller.train(modes[1])
+        nn.Module.train(controller, modes[1])  # not a hand-set mode (halting.loop, "Modes")

@@ -86,7 +86,8 @@ class DEQ(TransformerLoop):
             self._reset_norms()  # once per context: every step of it is the same map
         return self.input_norm(ctx.inject)
 
-    def init_state(self, ctx: LoopContext) -> Tensor:
+    def init_state(self, ctx: LoopContext, generator: torch.Generator | None = None) -> Tensor:
+        """Deterministic: ``generator`` is accepted (the interface) and unused."""
         return torch.zeros_like(ctx.inject)
 
     def _loop_output(self, x: Tensor, y: Tensor, inject: Tensor, k: int) -> Tensor:

@@ -185,10 +185,11 @@ class TransformerLoop(CachedDecoding, LoopedModel):
         """Exit-gate logit (B, T): Linear(D, 1) on RMSNorm(z), bias initialised to -2."""
         return self.halt_head(self.halt_norm(z)).squeeze(-1)
 
-    def forward(self, tokens: Tensor, loops: int) -> Tensor:
+    def forward(self, tokens: Tensor, loops: int,
+                generator: torch.Generator | None = None) -> Tensor:
         loops = self.check_loops(loops)
         ctx = self.prepare(tokens)
-        z = self.init_state(ctx)
+        z = self.init_state(ctx) if generator is None else self.init_state(ctx, generator)
         for k in range(loops):
             z = self.step(z, ctx, k)
         return self.readout(z, ctx)

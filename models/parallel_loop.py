@@ -85,7 +85,8 @@ class ParallelLoop(TransformerLoop):
         # over positions is strictly lower-triangular.
         return bool(self.config.clp)
 
-    def init_state(self, ctx: LoopContext) -> Tensor:
+    def init_state(self, ctx: LoopContext, generator: torch.Generator | None = None) -> Tensor:
+        """Deterministic: ``generator`` is accepted (the interface) and unused."""
         return ctx.inject
 
     def _loop_input(

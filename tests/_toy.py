@@ -1,5 +1,8 @@
 """A tiny ``LoopedModel`` honouring ``models/base.py``, for testing ``halting`` in isolation.
 
+It is a plain ``LoopedModel`` with no ``ModelConfig``: it implements the declared interface (the
+methods and the four properties) and nothing else, as an adapter of a foreign model would.
+
 One causal single-head attention block with input injection,
 ``z_{k+1} = z + s * (attn(norm(z + e)) + mlp(...))``. At token granularity (``active`` given) it
 keeps per-position keys/values in ``ctx.cache["kv"]``: running positions recompute theirs, halted
@@ -12,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from halting.base import LoopController, StepView
+from halting.base import Capabilities, LoopController, StepView
 from models.base import LoopContext, LoopedModel
-from models.config import ModelConfig
 
 
 class ToyLoop(LoopedModel):
@@ -25,9 +27,7 @@ class ToyLoop(LoopedModel):
                  window: int | None = None) -> None:
         super().__init__()
         self.window = window
-        self.config = ModelConfig(arch="serial_loop", vocab_size=vocab_size, d_model=d_model,
-                                  max_seq_len=max_seq_len, n_heads=1, n_layers=1,
-                                  halt_token_id=halt_token_id)
+        self._vocab_size, self._d_model, self._halt_token_id = vocab_size, d_model, halt_token_id
         self.scale = scale
         self.embed = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Parameter(0.1 * torch.randn(max_seq_len, d_model))
@@ -38,11 +38,23 @@ class ToyLoop(LoopedModel):
         self.head = nn.Linear(d_model, vocab_size)
         self.halt = nn.Linear(d_model, 1)
 
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def d_model(self) -> int:
+        return self._d_model
+
+    @property
+    def halt_token_id(self) -> int | None:
+        return self._halt_token_id
+
     def prepare(self, tokens: Tensor, *, capture_attention: bool = False) -> LoopContext:
         inject = self.embed(tokens) + self.pos[: tokens.shape[1]]
         return LoopContext(tokens=tokens, inject=inject)
 
-    def init_state(self, ctx: LoopContext) -> Tensor:
+    def init_state(self, ctx: LoopContext, generator: torch.Generator | None = None) -> Tensor:
         return torch.zeros_like(ctx.inject)
 
     def step(self, z: Tensor, ctx: LoopContext, k: int, active: Tensor | None = None) -> Tensor:
@@ -76,7 +88,8 @@ class ToyLoop(LoopedModel):
     def halt_logit(self, z: Tensor, ctx: LoopContext) -> Tensor:
         return self.halt(z).squeeze(-1)
 
-    def forward(self, tokens: Tensor, loops: int) -> Tensor:
+    def forward(self, tokens: Tensor, loops: int,
+                generator: torch.Generator | None = None) -> Tensor:
         ctx = self.prepare(tokens)
         z = self.init_state(ctx)
         for k in range(loops):
@@ -84,7 +97,7 @@ class ToyLoop(LoopedModel):
         return self.readout(z, ctx)
 
     def flops_per_token_step(self, seq_len: int) -> float:
-        d = self.config.d_model
+        d = self.d_model
         return 2.0 * (3 * d * d + 4 * d * d + 2 * seq_len * d)
 
 
@@ -96,7 +109,8 @@ class ScriptedExit(LoopController):
     def __init__(self, plan: Tensor) -> None:
         super().__init__()
         self.plan = plan
-        self.granularities = ("sample",) if plan.dim() == 1 else ("token",)
+        self.capabilities = Capabilities(granularities=("sample",) if plan.dim() == 1
+                                         else ("token",))
 
     def decide(self, view: StepView) -> Tensor:
         return self.plan[view.rows] == view.loops
