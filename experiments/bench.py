@@ -53,6 +53,7 @@ MODULES = {
     "memory": "experiments.bench_solvers", "throughput": "experiments.bench_loop",
     "scaling": "experiments.bench_loop", "verdicts": "experiments.bench_study",
     "study": "experiments.bench_study",
+    "decode": "experiments.bench_decode",
 }
 SUITE = tuple(MODULES)
 NOT_QUICK = ("study",)

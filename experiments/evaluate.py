@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from experiments.decode_latency import decode_ms_per_token
 from experiments.schema import RESULTS_COLUMNS, SAMPLES_COLUMNS, TRACES_COLUMNS
 from experiments.tasks import Batch
 
@@ -239,6 +240,9 @@ class _SplitEvaluator:
             values = self._quality_values(traj.correct[k - 1], traj.loss[k - 1])
             values.update(mean_loops=float(k), flops_per_token=k * flops_step + readout)
             rows += [("fixed", k, k, metric, value) for metric, value in values.items()]
+        trained = self.trained.plan.loops  # latency next to the FLOPs, at the training depth
+        rows.append(("fixed", trained, trained, "decode_ms_per_token",
+                     decode_ms_per_token(self.model, self.batch.tokens, trained)))
         self._add_results(rows)
         candidates = [*self.cfg["budgets"], self.trained.plan.loops, self.sweep, self.loops]
         budgets = sorted({b for b in candidates
