@@ -27,6 +27,8 @@ Suite (targets from issue #6):
 7. ``scaling``     forward cost vs loops, sequence length and batch: ratios and log-log exponent.
 8. ``verdicts``    classifying an evaluation's trajectories / producing them <= 0.1.
 9. ``study``       wall time of ``loopscope`` with no arguments / 300 s <= 1 (not in --quick).
+10. ``decode``     cached decoding: PLT parallel R=2 / R=1 per token <= 1.3, parallel /
+                   sequential at R=2 and 4, adaptive exit / fixed at the same mean depth <= 1.2.
 """
 
 from __future__ import annotations

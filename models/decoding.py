@@ -76,11 +76,18 @@ class CachedDecoding:
                     at: DecodePositions, rows: Tensor | None = None) -> Tensor:
         """Loop k of the new token: (n, 1, D) -> (n, 1, D); ``at`` covers the same n rows."""
         x = self._decode_input(z, inject, cache, k, at, rows)
-        cos, sin = self.rotary.tables(0, at.pos.view(-1, 1))
+        cos, sin = self._decode_rotary(at, 1)
         y = x
         for i, block in enumerate(self.blocks):
             y = block(y, cos, sin, self._decode_mixer(cache, k, i, at, rows), self.residual_scale)
         return self._loop_output(x, y, inject, k)
+
+    def _decode_rotary(self, at: DecodePositions, queries: int) -> tuple[Tensor, Tensor]:
+        """Rotary tables for ``queries`` query rows per row, all at the row's position."""
+        if at.low == at.high:  # every row at one position: a slice, broadcast over rows
+            cos, sin = self.rotary.tables(at.low + 1)  # (T, 1, 1, hs)
+            return cos[at.low:], sin[at.low:]
+        return self.rotary.tables(0, at.pos.view(-1, 1).expand(-1, queries))
 
     def _decode_input(self, z: Tensor, inject: Tensor, cache: DecodeCache, k: int,
                       at: DecodePositions, rows: Tensor | None) -> Tensor:
@@ -96,7 +103,7 @@ class CachedDecoding:
         """Write the new keys/values into ``buf`` at ``at``, attend over its readable slots."""
 
         def mix(q: Tensor, keys: Tensor, values: Tensor, h: Tensor) -> Tensor:
-            buf.write(group, rows, at.pos, keys, values)
+            buf.write(group, rows, at, keys, values)
             cached_k, cached_v = buf.read(group, rows, at.high + 1)
             return self._attend_cached(q, cached_k, cached_v, at.mask(buf.window))
 
@@ -104,13 +111,14 @@ class CachedDecoding:
 
     def _attend_cached(self, q: Tensor, keys: Tensor, values: Tensor,
                        mask: Tensor | None) -> Tensor:
-        return attend(q, keys.to(q.dtype), values.to(q.dtype), mask=mask,
-                      use_math=self.config.attention == "math")
+        if keys.dtype != q.dtype:  # a cache kept in another dtype than autocast's
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
+        return attend(q, keys, values, mask=mask, use_math=self.config.attention == "math")
 
     def _decode_plain(self, blocks: nn.ModuleList, name: str, x: Tensor, cache: DecodeCache,
                       at: DecodePositions, rows: Tensor | None) -> Tensor:
         """Blocks outside the loop (prelude/coda) on the new token, with their own cache."""
-        cos, sin = self.rotary.tables(0, at.pos.view(-1, 1))
+        cos, sin = self._decode_rotary(at, 1)
         for i, block in enumerate(blocks):
             x = block(x, cos, sin, self._cached_attention(cache.buffers[name][i], 0, at, rows))
         return x

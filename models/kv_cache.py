@@ -36,11 +36,16 @@ class KVBuffer:
         """Slot of each position (n,)."""
         return pos if self.window is None else pos % self.window
 
-    def write(self, group: int, rows: Tensor | None, pos: Tensor, keys: Tensor,
+    def write(self, group: int, rows: Tensor | None, at: DecodePositions, keys: Tensor,
               values: Tensor) -> None:
-        """Store the new token's keys/values (n, H, 1, hs) of loop ``group`` at ``pos`` (n,)."""
-        rows = _rows(rows, pos)
-        col = self.column(pos)
+        """Store the new token's keys/values (n, H, 1, hs) of loop ``group`` at ``at.pos``."""
+        if rows is None and at.low == at.high:  # one column for every row: a plain slice
+            col = at.low if self.window is None else at.low % self.window
+            self.keys[group, :, :, col] = keys[:, :, 0]
+            self.values[group, :, :, col] = values[:, :, 0]
+            return
+        rows = torch.arange(at.pos.shape[0], device=at.pos.device) if rows is None else rows
+        col = self.column(at.pos)
         self.keys[group][rows, :, col] = keys[:, :, 0].to(self.keys.dtype)  # (n, H, hs)
         self.values[group][rows, :, col] = values[:, :, 0].to(self.values.dtype)
 
@@ -62,10 +67,6 @@ class KVBuffer:
     @property
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() * 2
-
-
-def _rows(rows: Tensor | None, pos: Tensor) -> Tensor:
-    return torch.arange(pos.shape[0], device=pos.device) if rows is None else rows
 
 
 @dataclass

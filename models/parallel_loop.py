@@ -190,8 +190,10 @@ class ParallelLoop(TransformerLoop):
 
     def _clp_mix(self, inject: Tensor, prev: Tensor, at: DecodePositions) -> Tensor:
         """a*E_t + b*RMSNorm(z_{t-1}), the shifted part zero at t = 0; prev (..., n, 1, D)."""
-        first = (at.pos > 0).view(-1, 1, 1).to(prev.dtype)
-        return self.config.clp_a * inject + self.config.clp_b * self.clp_norm(prev) * first
+        shifted = self.clp_norm(prev)
+        if at.low == 0:  # a row at position 0 has no previous position: zeros
+            shifted = shifted * (at.pos > 0).view(-1, 1, 1).to(prev.dtype)
+        return self.config.clp_a * inject + self.config.clp_b * shifted
 
     def decode_remember(self, cache: DecodeCache, states: Tensor) -> None:
         if self.config.clp:
@@ -206,7 +208,7 @@ class ParallelLoop(TransformerLoop):
 
         def gated(q: Tensor, keys: Tensor, values: Tensor, h: Tensor) -> Tensor:
             o_glob = self._attend_cached(q, *glob.read(0, rows, at.high + 1), at.mask(None))
-            local.write(k - 1, rows, at.pos, keys, values)
+            local.write(k - 1, rows, at, keys, values)
             o_loc = self._attend_cached(q, *local.read(k - 1, rows, 0), at.mask(local.window))
             g = gate(q, h) if gate is not None else 0.5
             return g * o_glob + (1 - g) * o_loc
@@ -254,7 +256,7 @@ class ParallelLoop(TransformerLoop):
             prev = cache.extras["clp_prev"][: loops - 1]  # (R-1, B, 1, D)
             rows.extend(self._clp_mix(inject, prev, at).unbind(0))
         x = torch.cat(rows, dim=1)  # (B, R, D): loop r is query row r
-        cos, sin = self.rotary.tables(0, at.pos.view(-1, 1).expand(-1, loops))
+        cos, sin = self._decode_rotary(at, loops)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, self._parallel_mixer(cache, i, at, loops))
         return x.transpose(0, 1).unsqueeze(2)  # (R, B, 1, D)
@@ -266,7 +268,7 @@ class ParallelLoop(TransformerLoop):
         gate = self.gates[layer] if self.gates is not None else None
 
         def parallel(q: Tensor, keys: Tensor, values: Tensor, h: Tensor) -> Tensor:
-            glob.write(0, None, at.pos, keys[:, :, :1], values[:, :, :1])  # loop 0 writes first
+            glob.write(0, None, at, keys[:, :, :1], values[:, :, :1])  # loop 0 writes first
             o_glob = self._attend_cached(q, *glob.read(0, None, at.high + 1), at.mask(None))
             if local is None:
                 return o_glob
@@ -280,7 +282,7 @@ class ParallelLoop(TransformerLoop):
                         at: DecodePositions, loops: int) -> Tensor:
         """Loops 1..R-1 over their own windows, batched as (R-1)*B rows of one attention call."""
         for r in range(1, loops):
-            local.write(r - 1, None, at.pos, keys[:, :, r:r + 1], values[:, :, r:r + 1])
+            local.write(r - 1, None, at, keys[:, :, r:r + 1], values[:, :, r:r + 1])
         batch, heads, _, size = q.shape
         ring_k, ring_v = local.keys.flatten(0, 1), local.values.flatten(0, 1)  # ((R-1)B, H, w, hs)
         q_loc = q[:, :, 1:].permute(2, 0, 1, 3).reshape((loops - 1) * batch, heads, 1, size)

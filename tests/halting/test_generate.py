@@ -188,3 +188,13 @@ def test_parallel_mode_needs_clp():
     with pytest.raises(ValueError, match="clp=True"):
         generate(tiny("parallel_loop", clp=False), [[1, 2]], "fixed", max_new_tokens=2,
                  max_loops=2, mode="parallel")
+
+
+def test_bench_alternating_exit_gives_the_planned_depths():
+    """The decode benchmark's adaptive row relies on this schedule (experiments.bench_decode)."""
+    from experiments.bench_decode import AlternatingExit
+
+    out = generate(tiny("serial_loop"), [[1, 2, 3]], AlternatingExit((1, 3)), max_new_tokens=6,
+                   max_loops=4)
+    assert out.depth[0].tolist() == [1, 3, 1, 3, 1, 3]  # prompt run, then one run per token
+    assert out.executed == 3 * 1 + (3 + 1) * 2 + 3  # prompt + five decoded tokens' loops
