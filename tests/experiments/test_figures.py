@@ -10,7 +10,7 @@ import pytest
 
 from experiments import figures as fg
 from experiments.results import write_parquet
-from experiments.schema import RESULTS_COLUMNS, SAMPLES_COLUMNS, TRACES_COLUMNS
+from experiments.results.schema import RESULTS_COLUMNS, SAMPLES_COLUMNS, TRACES_COLUMNS
 
 LOOPS = 5
 CONTROLLERS = ["fixed", "convergence_residual", "convergence_kl", "solver", "ouro_gate"]
@@ -198,7 +198,7 @@ def test_depth_histograms_rows_are_distributions(tables):
 
 
 def test_run_labels_drop_shared_parts():
-    from experiments.figure_style import run_labels
+    from experiments.figures.style import run_labels
     assert run_labels(["a-fixed-L1", "a-fixed-L2"]) == {"a-fixed-L1": "L1", "a-fixed-L2": "L2"}
     assert run_labels(["only-run"]) == {"only-run": "only-run"}
     assert run_labels(["x-1", "y"]) == {"x-1": "x-1", "y": "y"}

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from experiments.generate_cli import main
+from experiments.cli.generate import main
 from models import build_model, save_model
 
 

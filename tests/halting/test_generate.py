@@ -191,8 +191,8 @@ def test_parallel_mode_needs_clp():
 
 
 def test_bench_alternating_exit_gives_the_planned_depths():
-    """The decode benchmark's adaptive row relies on this schedule (experiments.bench_decode)."""
-    from experiments.bench_decode import AlternatingExit
+    """The decode benchmark's adaptive row relies on this schedule (experiments.bench.decode)."""
+    from experiments.bench.decode import AlternatingExit
 
     out = generate(tiny("serial_loop"), [[1, 2, 3]], AlternatingExit((1, 3)), max_new_tokens=6,
                    max_loops=4)

@@ -22,12 +22,13 @@ import torch
 from _app_helpers import ROOT, TINY, compose_cfg
 
 import halting
-from experiments.app import main, plan_models, run
+from experiments.config.validate import validate_config
 from experiments.errors import CheckpointError
 from experiments.evaluate import evaluate_model
 from experiments.results import atomic_write_text
-from experiments.train import TrainingFailed, TrainResult, _Trainer
-from experiments.validate import validate_config
+from experiments.study import main, plan_models, run
+from experiments.train import TrainingFailed, TrainResult
+from experiments.train.trainer import _Trainer
 from models import build_model
 
 

@@ -1,4 +1,5 @@
-"""Figures drawn from a run's tables (``experiments.schema``); each ``fig_*`` returns a Figure.
+"""Figures drawn from a run's tables (``experiments.results.schema``); each ``fig_*`` returns a
+Figure.
 
 Which rows each figure reads (metric names are the ``metric`` column):
 
@@ -21,7 +22,7 @@ figure                     table       metrics / columns
                                        optional ``flops_per_token``
 =========================  ==========  ======================================================
 
-Layout (``experiments.figure_style``): small multiples with one panel per model (the ``run``
+Layout (``experiments.figures.style``): small multiples with one panel per model (the ``run``
 column, plus ``arch`` when a run holds several) and one panel row per split (``val`` above
 ``hard``); colour encodes the controller (``fixed`` near-black) or, where one controller is
 shown, the model; one legend per figure outside the panels. Per-loop pictures of a single
@@ -45,9 +46,9 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
-from experiments import figure_style as fs
-from experiments.figure_style import plt
-from experiments.figures_quality import fig_accuracy_vs_loops, fig_gain_cost
+from experiments.figures import style as fs
+from experiments.figures.quality import fig_accuracy_vs_loops, fig_gain_cost
+from experiments.figures.style import plt
 from experiments.results import load_run, save_figure, validate_frame
 
 log = logging.getLogger(__name__)

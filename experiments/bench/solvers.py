@@ -22,7 +22,7 @@
   slowest sample has converged (see ``bench_per_sample`` for how the batch-wide side is run).
 * ``memory``: peak memory of one training step (forward solve of the ``deq`` model's step map,
   readout, cross-entropy, backward) with ``backward="implicit"`` and ``"unroll"`` at 8, 16, 32 and
-  64 forward iterations (peak measured as described in ``experiments.bench_core``).
+  64 forward iterations (peak measured as described in ``experiments.bench.core``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchdeq.solver import get_solver as torchdeq_solver
 
-from experiments.bench_core import (
+from experiments.bench.core import (
     BENCHMARKS,
     BenchConfig,
     Row,
@@ -48,7 +48,7 @@ from experiments.bench_core import (
     ratios,
     saved_tensor_bytes,
 )
-from experiments.bench_loop import random_tokens, tiny_model
+from experiments.bench.loop import random_tokens, tiny_model
 from fixedpoint.problem import Problem as FixedPointProblem
 from fixedpoint.solve import SOLVERS, solve
 

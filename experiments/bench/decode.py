@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from experiments.bench_core import BENCHMARKS, BenchConfig, Row, alternate, make_row, ratios
-from experiments.bench_loop import tiny_model
+from experiments.bench.core import BENCHMARKS, BenchConfig, Row, alternate, make_row, ratios
+from experiments.bench.loop import tiny_model
 from halting import generate
 from halting.base import Capabilities, LoopController, RunState, StepView
 

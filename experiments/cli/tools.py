@@ -41,7 +41,7 @@ def plot_main(argv: Sequence[str] | None = None) -> None:
     if not run_dir.is_dir():
         fail(prog, f"{str(run_dir)!r} is not a directory")
     from experiments.figures import draw_all
-    from experiments.report import write_report
+    from experiments.results.report import write_report
 
     skipped: dict[str, str] = {}
     try:

@@ -14,8 +14,9 @@ the same for every model):
    The spectral radius of the step map ``z -> model.step(z, ctx, K)`` at the final state is
    estimated for the first ``spectral_samples`` samples (power iteration, ``fixedpoint``). A
    diverging trajectory is a verdict, never a crash: non-finite states are labelled by classify.
-3. **Per-loop diagnostics** (``experiments.diagnostics.per_loop_table``) on the trajectory, with
-   attention captured on the first ``attention_samples`` samples, plus the logit lens.
+3. **Per-loop diagnostics** (``experiments.evaluate.diagnostics.per_loop_table``) on the
+   trajectory, with attention captured on the first ``attention_samples`` samples, plus the logit
+   lens.
 4. **Controllers.** Every controller of ``eval.controllers`` and the model's own training
    controller, at every budget: ``halting.run_loop(..., record=True)``; accuracy (or bits/byte),
    loss, mean loops, FLOPs per token, executed row-steps, share halted at the cap, and the regret
@@ -24,7 +25,7 @@ the same for every model):
    the budget (> 0 wasted loops, < 0 exits too early), ``oracle_accuracy`` = share of samples with
    one (the ceiling any exit rule could reach).
 
-Tables follow ``experiments.schema``; rows are accumulated here and written by the app.
+Tables follow ``experiments.results.schema``; rows are accumulated here and written by the app.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from experiments.decode_latency import decode_ms_per_token
-from experiments.schema import RESULTS_COLUMNS, SAMPLES_COLUMNS, TRACES_COLUMNS
+from experiments.evaluate.decode_latency import decode_ms_per_token
+from experiments.results.schema import RESULTS_COLUMNS, SAMPLES_COLUMNS, TRACES_COLUMNS
 from experiments.tasks import Batch
 
 RESIDUAL_TRACE_SAMPLES = 64  # samples whose per-loop residual trace is stored per run
@@ -277,7 +278,7 @@ class _SplitEvaluator:
 
     # -- 3. per-loop diagnostics and trajectory traces -------------------------------------------
     def diagnostic_rows(self, traj: Trajectory) -> None:
-        from experiments.diagnostics import logit_lens_kl, per_loop_table
+        from experiments.evaluate.diagnostics import logit_lens_kl, per_loop_table
 
         # samples that diverged would make every batch mean NaN: they are left out here and
         # show up as the `diverging` verdict instead
@@ -307,7 +308,11 @@ class _SplitEvaluator:
                 for entry in ctx.attention or []]
 
     def trajectory_traces(self, traj: Trajectory) -> None:
-        from experiments.diagnostics import distance_to_final, pca_portrait, relative_residual
+        from experiments.evaluate.diagnostics import (
+            distance_to_final,
+            pca_portrait,
+            relative_residual,
+        )
 
         states = traj.states.cpu()
         n_res = min(states.shape[1], RESIDUAL_TRACE_SAMPLES)

@@ -2,15 +2,15 @@
 
 ``main()`` is thin: it checks the command line and the composed config up front (``preflight``:
 Hydra's own errors — an unknown group option such as ``controller=pondr``, an unknown key — and
-``experiments.validate`` for every job of a sweep) and turns any problem into one line on stderr
-with exit status 2, then hands over to the ``@hydra.main`` function, which calls the plain
+``experiments.config.validate`` for every job of a sweep) and turns any problem into one line on
+stderr with exit status 2, then hands over to the ``@hydra.main`` function, which calls the plain
 ``run(cfg) -> dict`` (testable without Hydra: compose a config with ``hydra.compose`` and call
 ``run(cfg, out_dir=...)``).
 
 ``run``: validate -> train every planned model (``experiments.train``; resumes from checkpoints,
 skips finished ones) -> evaluate each (``experiments.evaluate``) -> ``results.parquet``,
 ``traces.parquet``, ``samples.parquet`` -> figures (``experiments.figures.draw_all``) ->
-``report.md`` (``experiments.report``) -> ``status.json`` = finished. A run directory whose
+``report.md`` (``experiments.results.report``) -> ``status.json`` = finished. A run directory whose
 ``status.json`` says finished is skipped (re-running a killed multirun in the same sweep directory
 finishes only the missing jobs). In a multirun each job's seed is derived from the base seed and
 the job number (``job_seed``). Under ``torchrun`` every rank trains, rank 0 alone evaluates and
@@ -33,8 +33,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+import experiments.conf  # noqa: F401  (registers the code's defaults with Hydra)
+from experiments.config.validate import ConfigError, ValidConfig, validate_config
 from experiments.errors import FAILED_EXIT, USAGE_EXIT, LoopscopeError, fail
-from experiments.validate import ConfigError, ValidConfig, validate_config
 
 CONFIG_MODULE = "experiments.conf"
 MAX_PREFLIGHT_JOBS = 64
@@ -218,8 +219,8 @@ def _evaluate_and_write(conf: dict[str, Any], valid: ValidConfig, trained: list[
                         seed: int, device: torch.device, started: float) -> dict[str, Any]:
     from experiments.evaluate import Tables, evaluate_model
     from experiments.figures import draw_all
-    from experiments.report import write_report
     from experiments.results import atomic_write_text, write_parquet
+    from experiments.results.report import write_report
     from experiments.train import write_status
 
     tables = Tables()

@@ -18,13 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from experiments.bench_core import BENCHMARKS, BenchConfig, Row, alternate, make_row, ratios
-from experiments.bench_loop import inference, random_tokens, tiny_model
+from experiments.bench.core import BENCHMARKS, BenchConfig, Row, alternate, make_row, ratios
+from experiments.bench.loop import inference, random_tokens, tiny_model
 from fixedpoint import classify
 from halting import build_controller, run_loop
 
 STUDY_BUDGET_S = 300.0
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @BENCHMARKS.register("verdicts")

@@ -16,8 +16,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullLocator
 
-from experiments import figure_style as fs
-from experiments.figure_style import plt
+from experiments.figures import style as fs
+from experiments.figures.style import plt
 from experiments.results import validate_frame
 
 BUDGET_MARKERS = ["o", "s", "^", "D", "v", "P"]

@@ -10,7 +10,7 @@ Runs the suite below, prints a markdown table (benchmark | what is compared | me
 min-max | target | pass/fail) followed by the detail tables some benchmarks produce, and writes
 ``bench.json``: a list of rows, each with every column, the raw repetitions and the config.
 Every number is a ratio of two measurements taken side by side in this process (A B A B ...;
-see ``experiments.bench_core``), never an absolute time compared across runs. On CUDA the models
+see ``experiments.bench.core``), never an absolute time compared across runs. On CUDA the models
 run in bf16 autocast (the solver benchmarks stay fp32, as specified). A benchmark that raises
 leaves an ``error`` row and the suite continues; the exit status is then 1.
 
@@ -45,17 +45,17 @@ from pathlib import Path
 
 import torch
 
-from experiments.bench_core import BENCHMARKS, BenchConfig, Row, error_row
+from experiments.bench.core import BENCHMARKS, BenchConfig, Row, error_row
 
 # name -> the module that registers it, imported only when the benchmark runs, so that one
 # package failing to import costs that benchmark an ``error`` row, not the whole suite.
 MODULES = {
-    "overhead": "experiments.bench_loop", "compaction": "experiments.bench_loop",
-    "solvers": "experiments.bench_solvers", "per_sample": "experiments.bench_solvers",
-    "memory": "experiments.bench_solvers", "throughput": "experiments.bench_loop",
-    "scaling": "experiments.bench_loop", "verdicts": "experiments.bench_study",
-    "study": "experiments.bench_study",
-    "decode": "experiments.bench_decode",
+    "overhead": "experiments.bench.loop", "compaction": "experiments.bench.loop",
+    "solvers": "experiments.bench.solvers", "per_sample": "experiments.bench.solvers",
+    "memory": "experiments.bench.solvers", "throughput": "experiments.bench.loop",
+    "scaling": "experiments.bench.loop", "verdicts": "experiments.bench.study",
+    "study": "experiments.bench.study",
+    "decode": "experiments.bench.decode",
 }
 SUITE = tuple(MODULES)
 NOT_QUICK = ("study",)

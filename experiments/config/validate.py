@@ -6,7 +6,8 @@ exits with status 2, no traceback). It checks
 
 * unknown keys at every level (``+train.stepz=3`` is caught here; plain ``train.stepz=3`` is
   already refused by Hydra's struct mode, and the app reformats that error the same way);
-* types and ranges of the ``train`` / ``eval`` / ``study`` sections (tables below);
+* types and ranges of the top-level keys and the ``train`` / ``eval`` / ``study`` sections, derived
+  from the typed fields of ``experiments.config.sections`` (annotation + declared ``Check``);
 * the ``model``, ``task`` and every controller section by *building* them with their owners'
   validating constructors (``models.ModelConfig.from_dict``, ``experiments.tasks.build_task``,
   ``halting.build_controller``), so the rules live in one place and the message says which
@@ -15,19 +16,31 @@ exits with status 2, no traceback). It checks
   ``min_loops``, ``halt_token`` without a halt token in the model/task, token granularity with a
   sample-only controller, randomised depth with a learned objective's ``min_loops``.
 
-Typed schemas are kept here as explicit tables rather than Hydra ConfigStore dataclasses because
-three sections (model, task, controller) are open-ended per option and validated by their owners.
+The values are checked here rather than by Hydra's typed structured configs so every problem gets
+this module's one-line message; the model, task and controller sections are open-ended per option
+and validated by their owners.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from common.constants import GRANULARITIES, SPLITS
+from experiments.config.sections import (
+    INF,
+    Check,
+    EvalConfig,
+    RunConfig,
+    StudyConfig,
+    TrainConfig,
+    field_check,
+    field_types,
+)
 from experiments.errors import LoopscopeError
 
 TOP_KEYS = ("seed", "out_dir", "threads", "model", "controller", "task", "study", "train", "eval")
@@ -53,80 +66,81 @@ def _int(low: int) -> Rule:
     return Rule((int,), lambda v: v >= low, f"an integer >= {low}")
 
 
-def _num(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Rule:
-    def check(v: float) -> bool:
-        above = v > low if low_open else v >= low
-        below = v < high if high_open else v <= high
+def _num(check: Check) -> Rule:
+    low = -INF if check.low is None else check.low
+    high = INF if check.high is None else check.high
+
+    def ok(v: float) -> bool:
+        above = v > low if check.low_open else v >= low
+        below = v < high if check.high_open else v <= high
         return above and below
 
-    lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-    return Rule((int, float), check, f"a number in {lo}{low}, {high}{hi}")
+    lo, hi = "(" if check.low_open else "[", ")" if check.high_open else "]"
+    return Rule((int, float), ok, f"a number in {lo}{low}, {high}{hi}")
 
 
-def _int_list(low: int, allow_empty: bool) -> Rule:
-    def check(v: list) -> bool:
-        ok = all(isinstance(x, int) and not isinstance(x, bool) and x >= low for x in v)
-        return ok and (allow_empty or len(v) > 0)
+def _list(item: type, check: Check) -> Rule:
+    if item is str:
+        def ok(v: list) -> bool:
+            return (len(v) > 0 or not check.non_empty) and all(s in check.choices for s in v)
 
-    return Rule((list,), check, f"a {'' if allow_empty else 'non-empty '}list of integers >= {low}")
+        return Rule((list,), ok, f"a {'non-empty ' if check.non_empty else ''}list of "
+                                 f"{', '.join(check.choices)}")
+    low = check.low
+
+    def ok_ints(v: list) -> bool:
+        fine = all(isinstance(x, int) and not isinstance(x, bool) and x >= low for x in v)
+        return fine and (len(v) > 0 or not check.non_empty)
+
+    return Rule((list,), ok_ints, f"a {'non-empty ' if check.non_empty else ''}list of integers "
+                                  f">= {low}")
 
 
-def _choice(choices: tuple[str, ...]) -> Rule:
-    return Rule((str,), lambda v: v in choices, f"one of {', '.join(choices)}")
+def _scalar(kind: type, check: Check) -> Rule:
+    if kind is bool:
+        return BOOL
+    if kind is int:
+        return _int(int(check.low))
+    if kind is float:
+        return _num(check)
+    if kind is dict:
+        return Rule((dict,))
+    if check.choices:
+        return Rule((str,), lambda v: v in check.choices, f"one of {', '.join(check.choices)}")
+    if check.non_empty:
+        return Rule((str,), lambda v: len(v) > 0, "a non-empty string")
+    return Rule((str,))
+
+
+def rule_of(annotation: Any, check: Check) -> Rule:
+    """The ``Rule`` of one settings field, from its type annotation and its declared ``Check``."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    nullable = type(None) in typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if nullable:
+        annotation, origin = args[0], typing.get_origin(args[0])
+    if origin is list:
+        rule = _list(typing.get_args(annotation)[0], check)
+    else:
+        rule = _scalar(origin or annotation, check)
+    if check.test is not None:
+        rule = Rule(rule.types, check.test, rule.allowed)
+    allowed = check.allowed or (f"null or {rule.allowed}" if nullable else rule.allowed)
+    return Rule(rule.types, rule.check, allowed, nullable)
+
+
+def rules_of(cls: type) -> dict[str, Rule]:
+    """Field name -> ``Rule`` of every field of a settings dataclass (``sections``)."""
+    types = field_types(cls)
+    return {f.name: rule_of(types[f.name], field_check(cls, f.name))
+            for f in dataclasses.fields(cls)}
 
 
 BOOL = Rule((bool,), allowed="true or false")
-INF = float("inf")
-
-TRAIN_RULES: dict[str, Rule] = {
-    "steps": _int(1),
-    "batch_size": _int(1),
-    "lr": _num(0, INF, low_open=True, high_open=True),
-    "weight_decay": _num(0, INF),
-    "beta1": _num(0, 1, high_open=True),
-    "beta2": _num(0, 1, high_open=True),
-    "warmup_steps": _int(0),
-    "min_lr_ratio": _num(0, 1),
-    "grad_clip": _num(0, INF),
-    "eval_every": _int(0),
-    "eval_batch_size": _int(1),
-    "checkpoint_every": _int(0),
-    "granularity": _choice(GRANULARITIES),
-    "random_depth": BOOL,
-    "random_depth_sigma": _num(0, INF, low_open=True),
-    "grad_steps": Rule((int,), lambda v: v >= 1, "null or an integer >= 1", nullable=True),
-    "device": Rule((str,), lambda v: v in ("auto", "cpu") or v.split(":")[0] in ("cuda", "mps"),
-                   "auto, cpu, cuda or cuda:N"),
-    "progress": BOOL,
-    "workers": _int(1),
-}
-EVAL_RULES: dict[str, Rule] = {
-    "batch_size": _int(1),
-    "splits": Rule((list,), lambda v: len(v) > 0 and all(s in SPLITS for s in v),
-                   f"a non-empty list of {', '.join(SPLITS)}"),
-    "unroll": _int(1),
-    "verdict_loops": _int(2),
-    "budgets": _int_list(1, allow_empty=False),
-    "granularity": _choice(GRANULARITIES),
-    "controllers": Rule((dict,), allowed="a mapping name -> controller config"),
-    "spectral_samples": _int(0),
-    "spectral_iters": _int(1),
-    "attention_samples": _int(0),
-    "trace_samples": _int(0),
-    "figures": BOOL,
-}
-STUDY_RULES: dict[str, Rule] = {
-    "name": Rule((str,), lambda v: len(v) > 0, "a non-empty string"),
-    "models": Rule((dict,), allowed="a mapping architecture name -> model config"),
-    "train_loops": _int_list(1, allow_empty=True),
-    "learned": Rule((dict,), allowed="a mapping name -> learned controller config"),
-    "max_loops": _int(1),
-}
-TOP_RULES: dict[str, Rule] = {
-    "seed": _int(0),
-    "threads": _int(0),
-    "out_dir": Rule((str,), allowed="null or a path", nullable=True),
-}
+TRAIN_RULES = rules_of(TrainConfig)
+EVAL_RULES = rules_of(EvalConfig)
+STUDY_RULES = rules_of(StudyConfig)
+TOP_RULES = rules_of(RunConfig)
 
 
 @dataclass
@@ -137,11 +151,15 @@ class ValidConfig:
         cfg: the whole config as a plain dict (no ``hydra`` key).
         task: the built ``experiments.tasks.Task``.
         models: architecture key -> full ``ModelConfig`` field dict (task fields filled in).
+        train, evaluation, study: the checked sections as typed settings (``sections``).
     """
 
     cfg: dict[str, Any]
     task: Any
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    train: TrainConfig | None = None
+    evaluation: EvalConfig | None = None
+    study: StudyConfig | None = None
 
 
 def validate_config(cfg: DictConfig | Mapping[str, Any]) -> ValidConfig:
@@ -165,7 +183,8 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> ValidConfig:
     task = _build_task(plain["task"])
     models = _check_models(plain, task)
     _check_controllers(plain, models)
-    return ValidConfig(cfg=plain, task=task, models=models)
+    return ValidConfig(cfg=plain, task=task, models=models, train=TrainConfig(**plain["train"]),
+                       evaluation=EvalConfig(**plain["eval"]), study=StudyConfig(**plain["study"]))
 
 
 def _to_plain(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from experiments.bench_core import (
+from experiments.bench.core import (
     BENCHMARKS,
     BenchConfig,
     Row,

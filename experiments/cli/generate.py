@@ -104,7 +104,7 @@ def write_trace(path: Path, rows: list[dict[str, int]]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``loopscope-generate``."""
-    from experiments.cli import _load
+    from experiments.cli.tools import _load
     from halting import build_controller, generate
 
     args = parse_args(argv)

@@ -5,7 +5,7 @@ with ``os.replace`` (atomic on POSIX and Windows within one file system), so a c
 writer never leaves a half-written file and never destroys the previous version.
 
 A *run directory* holds ``results.parquet`` (required) and optionally ``traces.parquet`` and
-``samples.parquet`` (column lists in ``experiments.schema``). A *sweep directory* is Hydra's
+``samples.parquet`` (column lists in ``experiments.results.schema``). A *sweep directory* is Hydra's
 multirun output: numbered job subdirectories, each with a ``.hydra/`` folder.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.schema import RESULTS_COLUMNS
+from experiments.results.schema import RESULTS_COLUMNS
 
 TABLES = ("results", "traces", "samples")
 

@@ -1,0 +1,23 @@
+"""Figures drawn from a run's tables: dynamics (``dynamics``), quality versus compute (``quality``),
+shared layout and encoding (``style``). ``draw_all`` draws every entry of ``FIGURES``."""
+
+from experiments.figures.dynamics import (
+    FIGURES,
+    VERDICT_ORDER,
+    draw_all,
+    fig_convergence_traces,
+    fig_depth_histograms,
+    fig_heatmaps,
+    fig_oscillation,
+    fig_phase_portraits,
+    fig_representation,
+    fig_verdicts,
+)
+from experiments.figures.quality import fig_accuracy_vs_loops, fig_gain_cost
+from experiments.figures.style import plt
+
+__all__ = [
+    "FIGURES", "VERDICT_ORDER", "draw_all", "fig_accuracy_vs_loops", "fig_convergence_traces",
+    "fig_depth_histograms", "fig_gain_cost", "fig_heatmaps", "fig_oscillation",
+    "fig_phase_portraits", "fig_representation", "fig_verdicts", "plt",
+]
