@@ -104,8 +104,8 @@ class CachedDecoding:
 
         def mix(q: Tensor, keys: Tensor, values: Tensor, h: Tensor) -> Tensor:
             buf.write(group, rows, at, keys, values)
-            cached_k, cached_v = buf.read(group, rows, at.high + 1)
-            return self._attend_cached(q, cached_k, cached_v, at.mask(buf.window))
+            cached_k, cached_v = buf.read(group, rows, at)
+            return self._attend_cached(q, cached_k, cached_v, at.mask(buf.width(at)))
 
         return mix
 

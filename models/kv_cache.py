@@ -49,10 +49,16 @@ class KVBuffer:
         self.keys[group][rows, :, col] = keys[:, :, 0].to(self.keys.dtype)  # (n, H, hs)
         self.values[group][rows, :, col] = values[:, :, 0].to(self.values.dtype)
 
-    def read(self, group: int, rows: Tensor | None, length: int) -> tuple[Tensor, Tensor]:
-        """Keys/values (n, H, C', hs) of loop ``group``: the first ``length`` slots of a full
-        buffer (a view when ``rows`` is None), every slot of a window."""
-        width = self.keys.shape[3] if self.window is not None else length
+    def width(self, at: DecodePositions) -> int:
+        """Slots a query at ``at`` may read: 0..high of a full buffer; of a ring, all w once the
+        farthest row has passed w-1 (before that, slots past ``high`` are still empty)."""
+        return at.high + 1 if self.window is None else min(self.window, at.high + 1)
+
+    def read(self, group: int, rows: Tensor | None, at: DecodePositions
+             ) -> tuple[Tensor, Tensor]:
+        """Keys/values (n, H, ``width(at)``, hs) of loop ``group`` (views when ``rows`` is
+        None); pair them with ``at.mask(width)``."""
+        width = self.width(at)
         keys, values = self.keys[group, :, :, :width], self.values[group, :, :, :width]
         if rows is None:
             return keys, values
@@ -120,10 +126,9 @@ class DecodePositions:
         """The running subset ``rows``; the bounds stay valid bounds."""
         return DecodePositions(self.pos[rows], self.low, self.high)
 
-    def mask(self, window: int | None) -> Tensor | None:
-        """(n, 1, 1, C) bool: slot s readable iff s <= pos (module docstring); ``None`` when
+    def mask(self, slots: int) -> Tensor | None:
+        """(n, 1, 1, slots) bool: slot s readable iff s <= pos (module docstring); ``None`` when
         every slot read is valid for every row (the fused kernel's fast path)."""
-        slots = self.high + 1 if window is None else window
         if self.low >= slots - 1:
             return None
         keys = torch.arange(slots, device=self.pos.device)

@@ -207,9 +207,10 @@ class ParallelLoop(TransformerLoop):
         gate = self.gates[layer] if self.gates is not None else None
 
         def gated(q: Tensor, keys: Tensor, values: Tensor, h: Tensor) -> Tensor:
-            o_glob = self._attend_cached(q, *glob.read(0, rows, at.high + 1), at.mask(None))
+            o_glob = self._attend_cached(q, *glob.read(0, rows, at), at.mask(glob.width(at)))
             local.write(k - 1, rows, at, keys, values)
-            o_loc = self._attend_cached(q, *local.read(k - 1, rows, 0), at.mask(local.window))
+            o_loc = self._attend_cached(q, *local.read(k - 1, rows, at),
+                                        at.mask(local.width(at)))
             g = gate(q, h) if gate is not None else 0.5
             return g * o_glob + (1 - g) * o_loc
 
@@ -269,7 +270,7 @@ class ParallelLoop(TransformerLoop):
 
         def parallel(q: Tensor, keys: Tensor, values: Tensor, h: Tensor) -> Tensor:
             glob.write(0, None, at, keys[:, :, :1], values[:, :, :1])  # loop 0 writes first
-            o_glob = self._attend_cached(q, *glob.read(0, None, at.high + 1), at.mask(None))
+            o_glob = self._attend_cached(q, *glob.read(0, None, at), at.mask(glob.width(at)))
             if local is None:
                 return o_glob
             o_loc = self._parallel_local(local, q, keys, values, at, loops)  # (B, H, R-1, hs)
@@ -284,9 +285,11 @@ class ParallelLoop(TransformerLoop):
         for r in range(1, loops):
             local.write(r - 1, None, at, keys[:, :, r:r + 1], values[:, :, r:r + 1])
         batch, heads, _, size = q.shape
-        ring_k, ring_v = local.keys.flatten(0, 1), local.values.flatten(0, 1)  # ((R-1)B, H, w, hs)
+        width = local.width(at)
+        ring_k = local.keys[..., :width, :].flatten(0, 1)  # ((R-1)B, H, width, hs)
+        ring_v = local.values[..., :width, :].flatten(0, 1)
         q_loc = q[:, :, 1:].permute(2, 0, 1, 3).reshape((loops - 1) * batch, heads, 1, size)
-        mask = at.mask(local.window)
+        mask = at.mask(width)
         if mask is not None:
             mask = mask.repeat(loops - 1, 1, 1, 1)
         o_loc = self._attend_cached(q_loc, ring_k, ring_v, mask)  # ((R-1)B, H, 1, hs)
