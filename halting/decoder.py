@@ -239,12 +239,15 @@ class Decoder:
         z0 = model.init_state(LoopContext(tokens=ids, inject=inject), generator=self.generator)
         _begin(self.controller, self.batch, 1, self.loops, self.device)
         run = self._parallel_token if self.parallel else self._sequential_token
-        states, depth, early = run(z0, inject, at)
+        states, depth, early, same = run(z0, inject, at)
         if early:  # frozen policy: loops past an exit show the exit loop's state and keys
-            loops = torch.arange(self.loops, device=self.device).unsqueeze(1)
-            index = torch.minimum(loops, depth.unsqueeze(0) - 1)  # (R, B)
-            states = states.gather(0, index[..., None, None].expand_as(states))
-            model.decode_freeze(self.cache, at, depth, self.loops)
+            if same is not None:  # every row exited after `same` loops: one slice copy
+                states[same:] = states[same - 1]
+            else:
+                loops = torch.arange(self.loops, device=self.device).unsqueeze(1)
+                index = torch.minimum(loops, depth.unsqueeze(0) - 1)  # (R, B)
+                states = states.gather(0, index[..., None, None].expand_as(states))
+            model.decode_freeze(self.cache, at, depth, self.loops, same)
         model.decode_remember(self.cache, states)
         logits = model.decode_readout(states[-1], self.cache, at)  # (B, 1, V)
         logits = _finish(self.controller, logits, depth.unsqueeze(1), self.executed, self.loops)
@@ -254,7 +257,7 @@ class Decoder:
         return lambda z, rows: self.model.decode_readout(z, self.cache, at.select(rows), rows)
 
     def _sequential_token(self, z0: Tensor, inject: Tensor, at: DecodePositions
-                          ) -> tuple[Tensor, Tensor, bool]:
+                          ) -> tuple[Tensor, Tensor, bool, int | None]:
         """Loop after loop; a row whose token exits leaves the batch (its compute stops)."""
         states = z0.new_zeros((self.loops, *z0.shape))  # (R, B, 1, D)
         depth = torch.full((self.batch,), self.loops, dtype=torch.long, device=self.device)
@@ -275,21 +278,23 @@ class Decoder:
                 continue
             stop = stop.view(-1)
             depth[running[stop]] = k + 1
-            early, keep = True, (~stop).nonzero().squeeze(1)
+            keep = (~stop).nonzero().squeeze(1)
             if keep.numel() == 0:
-                break
+                same = None if early else k + 1  # every row leaves after the same loop
+                return states, depth, True, same
+            early = True
             running, z = running[keep], z[keep]
             rows, sub_at, sub_inject = running, at.select(running), inject[running]
-        return states, depth, early
+        return states, depth, early, None
 
     def _parallel_token(self, z0: Tensor, inject: Tensor, at: DecodePositions
-                        ) -> tuple[Tensor, Tensor, bool]:
+                        ) -> tuple[Tensor, Tensor, bool, int | None]:
         """All loops in one forward (PLT); the controller then picks each row's exit."""
         states = self.model.decode_parallel(inject, self.cache, at, self.loops)  # (R, B, 1, D)
         self.executed += self.batch * self.loops
         depth = torch.full((self.batch,), self.loops, dtype=torch.long, device=self.device)
         if self.static:
-            return states, depth, False
+            return states, depth, False, None
         running, early = torch.arange(self.batch, device=self.device), False
         for k in range(self.loops):
             before = z0 if k == 0 else states[k - 1]
@@ -300,7 +305,8 @@ class Decoder:
                 continue
             stop = stop.view(-1)
             depth[running[stop]] = k + 1
-            early, running = True, running[~stop]
+            running = running[~stop]
             if running.numel() == 0:
-                break
-        return states, depth, early
+                return states, depth, True, None if early else k + 1
+            early = True
+        return states, depth, early, None

@@ -130,8 +130,15 @@ class CachedDecoding:
 
     # ----------------------------------------------------------------- after a token
     def decode_freeze(self, cache: DecodeCache, at: DecodePositions, depth: Tensor,
-                      loops: int) -> None:
-        """Frozen policy: loop k >= depth[b] shows loop depth[b]-1's keys/values at t (all rows)."""
+                      loops: int, same_exit: int | None = None) -> None:
+        """Frozen policy: loop k >= depth[b] shows loop depth[b]-1's keys/values at t (all rows).
+
+        ``same_exit``: every row exited after this many loops (known on the host), which with
+        one position for all rows is a plain slice copy per buffer."""
+        if same_exit is not None and at.low == at.high:
+            if same_exit < loops:
+                self._freeze_slices(cache, at.low, same_exit, loops)
+            return
         later = torch.arange(loops, device=depth.device).unsqueeze(0) >= depth.unsqueeze(1)
         rows, targets = later.nonzero(as_tuple=True)  # (row, loop) pairs the row never ran
         if rows.numel() == 0:
@@ -142,6 +149,11 @@ class CachedDecoding:
                     sources: Tensor) -> None:
         for buf in cache.buffers["loop"]:
             buf.copy_slot(targets, sources, rows, pos)
+
+    def _freeze_slices(self, cache: DecodeCache, pos: int, depth: int, loops: int) -> None:
+        for buf in cache.buffers["loop"]:
+            buf.keys[depth:loops, :, :, pos] = buf.keys[depth - 1, :, :, pos]
+            buf.values[depth:loops, :, :, pos] = buf.values[depth - 1, :, :, pos]
 
     def decode_remember(self, cache: DecodeCache, states: Tensor) -> None:
         """``states`` (R, B, 1, D): each row's state after 1..R loops (frozen past its exit)."""

@@ -230,6 +230,17 @@ class ParallelLoop(TransformerLoop):
             rest = ~from_global
             local.copy_slot(targets[rest] - 1, sources[rest] - 1, rows[rest], pos[rest])
 
+    def _freeze_slices(self, cache: DecodeCache, pos: int, depth: int, loops: int) -> None:
+        if not self.config.shared_kv:
+            super()._freeze_slices(cache, pos, depth, loops)
+            return
+        for glob, local in zip(cache.buffers["global"], cache.buffers["local"], strict=True):
+            col = pos % local.window
+            source = (glob, 0, pos) if depth == 1 else (local, depth - 2, col)
+            buf, group, slot = source
+            local.keys[depth - 1:loops - 1, :, :, col] = buf.keys[group, :, :, slot]
+            local.values[depth - 1:loops - 1, :, :, col] = buf.values[group, :, :, slot]
+
     def fill_decode_cache(self, cache: DecodeCache, ctx: LoopContext, k: int,
                           lengths: Tensor) -> None:
         if k == 0 and self.config.shared_kv:

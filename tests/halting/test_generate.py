@@ -74,14 +74,16 @@ def adaptive_cases():
             yield arch, mode
 
 
+@pytest.mark.parametrize("prompts", [PADDED, [[1, 2, 3, 4, 5]]], ids=["padded", "single"])
 @pytest.mark.parametrize("criterion", ["sign", "residual"])
 @pytest.mark.parametrize(("arch", "mode"), list(adaptive_cases()))
-def test_adaptive_decode_agrees_with_token_run_loop(arch, mode, criterion):
+def test_adaptive_decode_agrees_with_token_run_loop(arch, mode, criterion, prompts):
+    """Padded rows take the per-row cache fill; a single row the one-slice fill."""
     model = tiny(arch)
     controller = SignExit() if criterion == "sign" else build_controller(
         "convergence", criterion="residual", threshold=0.3)
-    out = sampled(model, PADDED, controller, 4, mode=mode)
-    for b, prompt in enumerate(PADDED):
+    out = sampled(model, prompts, controller, 4, mode=mode)
+    for b, prompt in enumerate(prompts):
         ref = run_loop(model, continued(prompt, out, b), controller, max_loops=4,
                        granularity="token", token_policy="frozen")
         start = len(prompt) - 1
@@ -89,7 +91,7 @@ def test_adaptive_decode_agrees_with_token_run_loop(arch, mode, criterion):
         assert torch.equal(out.prompt_depth[b, : len(prompt)], ref.depth[0, : len(prompt)])
         torch.testing.assert_close(out.logits[b], ref.logits[0, start:], atol=ATOL, rtol=0)
     if criterion == "sign":  # the case must exercise exits before the cap
-        assert 1 < len(set(out.depth.flatten().tolist()))
+        assert bool((out.depth < 4).any())
 
 
 def test_sequential_exits_save_compute_parallel_does_not():
