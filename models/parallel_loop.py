@@ -286,15 +286,21 @@ class ParallelLoop(TransformerLoop):
                 return o_glob
             o_loc = self._parallel_local(local, q, keys, values, at, loops)  # (B, H, R-1, hs)
             g = gate(q[:, :, 1:], h[:, 1:]) if gate is not None else 0.5
-            return torch.cat((o_glob[:, :, :1], g * o_glob[:, :, 1:] + (1 - g) * o_loc), dim=2)
+            mixed = torch.lerp(o_loc, o_glob[:, :, 1:], g)  # g*o_glob + (1-g)*o_loc, one op
+            return torch.cat((o_glob[:, :, :1], mixed), dim=2)
 
         return parallel
 
     def _parallel_local(self, local: KVBuffer, q: Tensor, keys: Tensor, values: Tensor,
                         at: DecodePositions, loops: int) -> Tensor:
         """Loops 1..R-1 over their own windows, batched as (R-1)*B rows of one attention call."""
-        for r in range(1, loops):
-            local.write(r - 1, None, at, keys[:, :, r:r + 1], values[:, :, r:r + 1])
+        if at.low == at.high:  # one slot for every row: all loops' entries in one copy
+            col = at.low % local.window
+            local.keys[: loops - 1, :, :, col] = keys[:, :, 1:].permute(2, 0, 1, 3)
+            local.values[: loops - 1, :, :, col] = values[:, :, 1:].permute(2, 0, 1, 3)
+        else:
+            for r in range(1, loops):
+                local.write(r - 1, None, at, keys[:, :, r:r + 1], values[:, :, r:r + 1])
         batch, heads, _, size = q.shape
         width = local.width(at)
         ring_k = local.keys[..., :width, :].flatten(0, 1)  # ((R-1)B, H, width, hs)
