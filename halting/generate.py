@@ -32,6 +32,11 @@ KV): all R loops of a new token run as R query rows of one forward (``decode_par
 controller then picks the exit among the R computed states — same depths and logits as the
 sequential path — but nothing is saved by exiting: the loops already ran together.
 ``mode="sequential"`` runs loop after loop (the reference, and the path where exits save compute).
+
+Huginn's random initial state (``recurrent_depth`` with ``init_scale > 0``) is drawn per new token
+from ``generator``; decoding then equals a full forward given the same draws, not torch's
+sequence-wide draw (with ``init_scale = 0`` the two are identical). A row that produced a stop
+token is fed ``pad_token_id`` until every row has stopped (its compute is not saved).
 """
 
 from __future__ import annotations
