@@ -1,11 +1,7 @@
-"""The loopscope Hydra app: ``loopscope`` and ``python -m experiments`` (same entry point).
+"""Running a study: ``run(cfg) -> dict``, what ``loopscope`` (``experiments.cli.app``) calls.
 
-``main()`` is thin: it checks the command line and the composed config up front (``preflight``:
-Hydra's own errors — an unknown group option such as ``controller=pondr``, an unknown key — and
-``experiments.config.validate`` for every job of a sweep) and turns any problem into one line on
-stderr with exit status 2, then hands over to the ``@hydra.main`` function, which calls the plain
-``run(cfg) -> dict`` (testable without Hydra: compose a config with ``hydra.compose`` and call
-``run(cfg, out_dir=...)``).
+``run`` is plain Python (testable without Hydra's command line: compose a config with
+``hydra.compose`` and call ``run(cfg, out_dir=...)``).
 
 ``run``: validate -> train every planned model (``experiments.train``; resumes from checkpoints,
 skips finished ones) -> evaluate each (``experiments.evaluate``) -> ``results.parquet``,
@@ -19,28 +15,18 @@ writes.
 
 from __future__ import annotations
 
-import itertools
 import json
-import re
-import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-import experiments.conf  # noqa: F401  (registers the code's defaults with Hydra)
 from experiments.config.validate import ConfigError, ValidConfig, validate_config
-from experiments.errors import FAILED_EXIT, USAGE_EXIT, LoopscopeError, fail
-
-CONFIG_MODULE = "experiments.conf"
-MAX_PREFLIGHT_JOBS = 64
-PASS_THROUGH_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i",
-                      "--shell-completion", "-sc", "--resolve", "--package", "-p")
+from experiments.errors import LoopscopeError
 
 
 def job_seed(base: int, job_num: int | None) -> int:
@@ -74,7 +60,7 @@ def run(cfg: DictConfig | Mapping[str, Any], out_dir: str | Path | None = None) 
         torch.set_num_threads(conf["threads"])
     dist_info = init_distributed(conf["train"]["device"])
     device = resolve_device(conf["train"]["device"], dist_info)
-    seed = job_seed(conf["seed"], _hydra_job_num())
+    seed = job_seed(conf["seed"], hydra_job_num())
     if dist_info.is_main:
         print(f"loopscope: study {conf['study']['name']!r} -> {out}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
@@ -100,7 +86,8 @@ def _output_dir(conf: dict[str, Any], out_dir: str | Path | None) -> Path:
     raise ConfigError("out_dir is null and no Hydra run is active; pass out_dir=PATH")
 
 
-def _hydra_job_num() -> int | None:
+def hydra_job_num() -> int | None:
+    """This job's number in a Hydra multirun; ``None`` outside one (a single run or no Hydra)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -251,168 +238,9 @@ def _run_info(conf: dict[str, Any], trained: list[Any], seed: int, device: torch
               started: float) -> dict[str, Any]:
     models = [{"run_id": t.plan.run_id, "arch": t.plan.arch, "objective": t.plan.objective,
                "train_loops": t.plan.loops, "status": t.status, "resumed_from": t.resumed_from,
-               "final": t.history[-1] if t.history else None} for t in trained]
+               "final": t.history[-1] if t.history else None,
+               # declared by the model (models.LoopedModel); report.md reads it, not the arch name
+               "nilpotent_step": bool(t.model.nilpotent_step)} for t in trained]
     return {"config": conf, "seed": seed, "device": str(device),
             "threads": torch.get_num_threads(), "models": models,
             "wall_seconds": time.perf_counter() - started}
-
-
-# -- the command line ------------------------------------------------------------------------------
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def _hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
-    from experiments.train import TrainingFailed
-
-    multirun = _hydra_job_num() is not None
-    try:
-        return run(cfg)
-    except ConfigError as err:
-        if multirun:
-            raise
-        fail("loopscope", str(err))
-    except LoopscopeError as err:  # e.g. a corrupt or mismatched checkpoint in the run directory
-        print(f"loopscope: error: {err}", file=sys.stderr)
-        if multirun:  # keep the other jobs of the sweep going
-            return {"status": "failed", "message": str(err)}
-        sys.exit(USAGE_EXIT)
-    except TrainingFailed as err:
-        print(f"loopscope: {err}", file=sys.stderr)
-        if multirun:  # keep the other jobs of the sweep going; status.json records it
-            return {"status": "failed", "step": err.step, "message": str(err)}
-        sys.exit(FAILED_EXIT)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point ``loopscope`` (and ``python -m experiments``)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    error = preflight(args)
-    if error:
-        fail("loopscope", error)
-    sys.argv = [sys.argv[0] if sys.argv else "loopscope", *args]
-    _hydra_main()
-
-
-def preflight(args: Sequence[str]) -> str | None:
-    """Compose and validate every job the command line describes; the first problem as one line.
-
-    Flags Hydra handles itself (``--help``, ``--cfg``, ...) skip the check.
-    """
-    if any(a in PASS_THROUGH_FLAGS or a.split("=")[0] in PASS_THROUGH_FLAGS for a in args):
-        return None
-    multirun = any(a in ("-m", "--multirun") for a in args)
-    overrides = [a for a in args if a not in ("-m", "--multirun")]
-    flags = [a for a in overrides if a.startswith("-")]
-    if flags:
-        return f"unknown option {flags[0]!r}; use key=value overrides, -m for a sweep, or --help"
-    try:
-        jobs = _expand(overrides) if multirun else [overrides]
-    except Exception as err:  # hydra's override grammar errors
-        return _describe(err, overrides)
-    for job in jobs[:MAX_PREFLIGHT_JOBS]:
-        problem = _check_job(job)
-        if problem:
-            return problem
-    return None
-
-
-def _expand(overrides: list[str]) -> list[list[str]]:
-    """The override lists of every job of a sweep (cartesian product of sweep overrides)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    choices = []
-    for override, text in zip(parsed, overrides):
-        if override.is_sweep_override():
-            key = override.get_key_element()
-            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
-        else:
-            choices.append([text])
-    return [list(combo) for combo in itertools.islice(itertools.product(*choices),
-                                                      MAX_PREFLIGHT_JOBS)]
-
-
-def _check_job(overrides: list[str]) -> str | None:
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-            cfg = compose("config", overrides=overrides, return_hydra_config=True)
-            launcher = OmegaConf.select(cfg, "hydra.launcher._target_") or ""
-            job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    except Exception as err:
-        return _describe(err, overrides)
-    finally:
-        GlobalHydra.instance().clear()
-    if "submitit" in launcher and not _importable("hydra_plugins.hydra_submitit_launcher"):
-        return "the slurm launcher needs hydra-submitit-launcher: pip install 'loopscope[slurm]'"
-    try:
-        validate_config(job_cfg)
-    except ConfigError as err:
-        return str(err)
-    return None
-
-
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-def _describe(err: BaseException, overrides: list[str]) -> str:
-    """One line for a Hydra / OmegaConf error: what was wrong and the valid choices."""
-    from hydra.errors import MissingConfigException, OverrideParseException
-
-    text = str(err)
-    if isinstance(err, OverrideParseException):
-        first = text.strip().splitlines()[0] if text.strip() else "syntax error"
-        return (f"cannot parse the overrides {' '.join(overrides)!r}: {first} "
-                "(expected key=value, e.g. train.steps=100)")
-    if isinstance(err, MissingConfigException) and getattr(err, "missing_cfg_file", None):
-        missing = str(err.missing_cfg_file)
-        group, _, option = missing.rpartition("/")
-        if "submitit" in option:
-            return ("the slurm launcher needs hydra-submitit-launcher: "
-                    "pip install 'loopscope[slurm]'")
-        options = list(getattr(err, "options", None) or [])
-        if group:
-            return (f"unknown {group} option {option!r}; choose from: "
-                    f"{', '.join(sorted(options)) or '(none)'}")
-    match = re.search(r"Could not override '([^']+)'", text) or re.search(
-        r"Key '([^']+)' (?:is not in struct|not in)", text)
-    if match:
-        return _unknown_key_message(match.group(1), overrides)
-    match = re.search(r"Could not append to config. An item is already at '([^']+)'", text)
-    if match:
-        return f"{match.group(1)} already exists; override it without the leading '+'"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
-def _unknown_key_message(key: str, overrides: list[str]) -> str:
-    """Name the unknown key and list the valid keys of its parent section."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    parent, _, _ = key.rpartition(".")
-    groups = [o for o in overrides if "=" in o and "." not in o.split("=")[0].lstrip("+~")]
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-            base = compose("config", overrides=groups)
-        node = OmegaConf.select(base, parent) if parent else base
-        valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
-    except Exception:
-        valid = []
-    finally:
-        GlobalHydra.instance().clear()
-    where = parent or "the config"
-    listing = f"; valid keys in {where}: {', '.join(str(v) for v in valid)}" if valid else ""
-    return f"unknown config key {key!r}{listing} (add a new key with +{key}=...)"
-
-
-if __name__ == "__main__":
-    main()

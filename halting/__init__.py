@@ -19,6 +19,7 @@ from halting.base import (
     RunState,
     StepView,
     build_controller,
+    controller_defaults,
     task_loss,
 )
 from halting.depth import sample_training_depth
@@ -34,5 +35,6 @@ __all__ = [
     "AdaptiveComputationTime", "Capabilities", "ConvergenceExit", "Criterion", "FixedLoops",
     "GenerateOutput", "HaltToken", "LoopController", "LoopDraft", "LoopOutput", "OuroGate",
     "PonderNet", "QHalt", "RunState", "SolverController", "StepView", "build_controller",
-    "generate", "run_loop", "set_run_mode", "sample_training_depth", "task_loss",
+    "controller_defaults", "generate", "run_loop", "set_run_mode", "sample_training_depth",
+    "task_loss",
 ]

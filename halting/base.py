@@ -47,6 +47,7 @@ training loss; the trainer adds them and never branches on the controller's type
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Mapping
@@ -264,6 +265,18 @@ def check_range(name: str, value: Any, low: float, high: float, *, low_open: boo
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def controller_defaults(name: str) -> dict[str, Any]:
+    """``{"name": name, **every constructor parameter's default}`` of a registered controller.
+
+    The class signature is the one place a controller's defaults live; configs (the app's
+    ``controller/*.yaml``) are generated from this and only override it.
+    """
+    cls = CONTROLLERS.get(name)
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {"name": name, **{p.name: p.default for p in params
+                             if p.name != "self" and p.default is not inspect.Parameter.empty}}
 
 
 def build_controller(name_or_cfg: str | Mapping[str, Any] | LoopController,

@@ -37,7 +37,8 @@ training), so each run has exactly one mode and ``LoopOutput.training`` records 
 (``mode="auto"``) it is the **model's** mode: ``model.eval()`` is enough, ``run_loop`` puts the
 controller in the same mode (``build_controller`` returns a controller in training mode, as every
 ``nn.Module``; that is not a choice and never overrides the model). ``mode="train"`` /
-``mode="eval"`` force a mode regardless of the model. A controller switched by hand
+``mode="eval"`` force the controller's mode regardless of the model (the model's own mode — dropout
+— stays the caller's: ``run_loop`` never changes it). A controller switched by hand
 (``controller.train()`` / ``.eval()``) to the other mode than the model gets a warning under
 ``auto`` and follows the model. An evaluation-mode loss of a learned controller is the task loss
 alone (its halting objective exists only in training), so ``backward`` through it raises instead of

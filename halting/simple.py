@@ -21,6 +21,10 @@ uses the two-hit rule: below threshold on two consecutive checks; its threshold 
 [inferred]. A unit stops once ``patience`` consecutive checks pass (checks every ``check_every``
 loops, never before ``min_loops``).
 
+Each criterion declares the range of its value (``Criterion.high``): ``argmax`` is 0 or 1 and
+``cosine`` lies in [0, 2], so a threshold above that bound could never fail — a disguised fixed exit
+— and is refused. "Unchanged for N loops" is ``patience=N``, not a threshold.
+
 At sample granularity the per-token values are reduced over the sample's tokens with ``reduce``:
 ``max`` (default: the sample stops when its least-converged token has converged) or ``mean``.
 At token granularity each token decides for itself.

@@ -112,8 +112,12 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError``/``KeyError`` naming the bad value and what is allowed."""
-        if self.arch not in ARCHS:
-            raise KeyError(f"unknown architecture {self.arch!r}; known: {', '.join(ARCHS)}")
+        from models.looped import ARCH_REGISTRY  # here: looped imports this module
+
+        # the registry, not a fixed list: a new architecture is its module alone
+        if self.arch not in ARCH_REGISTRY:
+            known = [*ARCHS, *(name for name in ARCH_REGISTRY if name not in ARCHS)]
+            raise KeyError(f"unknown architecture {self.arch!r}; known: {', '.join(known)}")
 
         def positive(name: str) -> None:
             value = getattr(self, name)

@@ -7,6 +7,9 @@ Registered in Hydra's ``ConfigStore`` (plain, untyped nodes: the values are chec
   from ``experiments.config.sections``; first in ``conf/config.yaml``'s defaults list.
 * ``schema/task/<name>`` — every registered task's constructor parameters and their defaults;
   a task YAML starts with ``defaults: [/schema/task/<name>@_here_, _self_]``.
+* ``schema/controller/<name>`` — every registered controller's constructor parameters and their
+  defaults (``halting.controller_defaults``: the class signature is their one home); a controller
+  YAML starts with ``defaults: [/schema/controller/<name>@_here_, _self_]``.
 * ``schema/model/fields`` — the ``models.ModelConfig`` fields an experiment may set (the ones the
   task fills in and the per-option ``arch`` / ``window`` are left to the YAML), likewise.
 
@@ -52,9 +55,12 @@ def model_defaults() -> dict[str, Any]:
 def register() -> None:
     """Put the defaults into Hydra's ``ConfigStore`` (idempotent; run before composing)."""
     from experiments.tasks import TASKS
+    from halting import CONTROLLERS, controller_defaults
 
     store = ConfigStore.instance()
     store.store(name="loopscope_defaults", node=run_defaults())
     store.store(group="schema/model", name="fields", node=model_defaults())
     for name in TASKS:
         store.store(group="schema/task", name=name, node=task_defaults(name))
+    for name in CONTROLLERS:
+        store.store(group="schema/controller", name=name, node=controller_defaults(name))

@@ -51,7 +51,8 @@ def build_report(results: pd.DataFrame, samples: pd.DataFrame | None, info: dict
     parts = [_header(info, quality)]
     sweep = _loop_table(results, quality, split)
     parts.append(_sweep_section(sweep, quality, split))
-    parts.append(_sweet_spot_section(sweep, results, samples, quality, split))
+    parts.append(_sweet_spot_section(sweep, results, samples, quality, split,
+                                     _nilpotent_archs(info)))
     parts.append(_unrolled_section(results, quality, split))
     parts.append(_controller_section(results, quality, split))
     if samples is not None and not samples.empty:
@@ -155,8 +156,14 @@ def _sweet_spot(sweep: pd.DataFrame, quality: str, n_eval: int) -> tuple[int, st
     return int(ok["train_loops"].min()), rule
 
 
+def _nilpotent_archs(info: dict[str, Any]) -> set[str]:
+    """Architectures whose models declared ``nilpotent_step`` (``run.json``'s ``models``)."""
+    return {m.get("arch") for m in info.get("models") or [] if m.get("nilpotent_step")}
+
+
 def _sweet_spot_section(sweep: pd.DataFrame, results: pd.DataFrame,
-                        samples: pd.DataFrame | None, quality: str, split: str) -> str:
+                        samples: pd.DataFrame | None, quality: str, split: str,
+                        nilpotent: set[str] = frozenset()) -> str:
     if sweep.empty:
         return ""
     lines = ["## Sweet spot"]
@@ -174,7 +181,7 @@ def _sweet_spot_section(sweep: pd.DataFrame, results: pd.DataFrame,
                          f"{_fmt(row['gain'])} (sign: + better) for "
                          f"{_fmt(row['added_flops'])} more FLOPs/token "
                          f"({_fmt(row['gain_per_gflop'])} per GFLOP/token).")
-        lines += _dynamics_evidence(results, arch, loops, split)
+        lines += _dynamics_evidence(results, arch, loops, split, arch in nilpotent)
     return "\n".join(lines)
 
 
@@ -185,7 +192,8 @@ def _eval_count(samples: pd.DataFrame | None, split: str) -> int:
     return int(part.groupby(["run", "controller", "budget"]).size().max()) if len(part) else 256
 
 
-def _dynamics_evidence(results: pd.DataFrame, arch: str, loops: int, split: str) -> list[str]:
+def _dynamics_evidence(results: pd.DataFrame, arch: str, loops: int, split: str,
+                       nilpotent: bool = False) -> list[str]:
     run = _pick(results, arch=arch, objective="fixed", train_loops=loops, split=split,
                 controller="fixed")
     if run.empty:
@@ -205,12 +213,12 @@ def _dynamics_evidence(results: pd.DataFrame, arch: str, loops: int, split: str)
                  f"period-2 return error {_fmt(p2)}, relative residual {_fmt(res)}"
                  + (f"; spectral radius at the final state {_fmt(radius.iloc[0])}"
                     if not radius.empty else "") + ".")
-    if arch == "parallel_loop" and not radius.empty and radius.iloc[0] == 0 and res == 0:
+    if nilpotent and not radius.empty and radius.iloc[0] == 0 and res == 0:
         lines.append("- The state stops changing exactly (residual 0, spectral radius 0): the step "
-                     "reads the state only through a one-position shift (parallel-loop CLP), so "
-                     "its Jacobian is nilpotent and every trajectory is fixed after at most "
-                     "sequence-length loops; extra loops past that cost compute and change "
-                     "nothing.")
+                     "reads the state only through a one-position shift (the model declares "
+                     "`nilpotent_step`, e.g. parallel-loop CLP), so its Jacobian is nilpotent and "
+                     "every trajectory is fixed after at most sequence-length loops; extra loops "
+                     "past that cost compute and change nothing.")
     oscillating = (cos < -0.5 and p2 < res) if math.isfinite(cos) and math.isfinite(p2) else False
     lines.append("- Oscillation evidence: " + (
         "yes — updates reverse direction each loop and states return after two loops."

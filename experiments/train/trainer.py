@@ -10,43 +10,34 @@ Q-halt give their objectives). Optional Huginn randomised depth (``random_depth`
 2502.05171): each step's loop cap is drawn with ``halting.sample_training_depth`` (mean = the
 planned depth, clamped to 4x it), optionally with truncated backprop (``grad_steps``).
 
-Checkpoints (``<model dir>/ckpt/step_NNNNNN/``): ``model.safetensors`` + ``model.json``
-(``models.save_model``) and ``state.pt`` (optimizer, scheduler, controller parameters, the data /
-depth generator states, torch's RNG state, step, history). A checkpoint directory is written under a
-temporary name and renamed into place, then the ``ckpt/latest`` pointer is replaced atomically,
-then older checkpoints are deleted — so a kill at any moment leaves a complete checkpoint. A killed
-run resumes from ``latest`` and (on CPU, same thread count) ends bit-identical to an uninterrupted
-run. A non-finite loss stops training with a message naming the step; the last good checkpoint is
-kept and ``status.json`` records ``{"status": "failed", "step": ...}``.
-
-Distributed data parallel (``torchrun``): the process group is initialised from the environment
-(gloo on CPU, nccl on CUDA); each rank draws its own data stream, gradients are averaged with
-``all_reduce`` after each backward (equivalent to DDP's averaging; ``run_loop`` drives
-``prepare``/``step``/``readout`` rather than ``forward``, so ``DistributedDataParallel``'s forward
-hooks would not fire), and only rank 0 writes anything.
+The loop is here; checkpoints and ``status.json`` are ``experiments.train.checkpoints``, the
+data-parallel pieces ``experiments.train.distributed``. A non-finite loss stops training with a
+message naming the step; the last good checkpoint is kept and ``status.json`` records
+``{"status": "failed", "step": ...}``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from experiments.errors import CheckpointError, one_line
-from experiments.results import atomic_write_text
-
-STATUS_FILE = "status.json"
+from experiments.train.checkpoints import ModelDir, read_status, write_status
+from experiments.train.distributed import (
+    DistInfo,
+    any_rank,
+    average_gradients,
+    broadcast_from_main,
+    resolve_device,
+)
 
 
 class TrainingFailed(RuntimeError):
@@ -93,44 +84,6 @@ class TrainResult:
     resumed_from: int | None = None
 
 
-@dataclass
-class DistInfo:
-    """Rank and world size; ``enabled`` when a process group is in use."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_name: str) -> DistInfo:
-    """Join the process group torchrun describes in the environment (no-op when world == 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and device_name != "cpu"
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return info
-
-
-def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
-    """``auto`` -> CUDA when available (this rank's local GPU under torchrun), else CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and info is not None and info.enabled:
-        name = f"cuda:{info.local_rank}"
-    return torch.device(name)
-
-
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA, nothing elsewhere."""
     if device.type == "cuda":
@@ -144,19 +97,6 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def read_status(directory: Path) -> dict[str, Any] | None:
-    """The ``status.json`` in ``directory`` (None when absent or unreadable)."""
-    path = Path(directory) / STATUS_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_status(directory: Path, status: str, **fields: Any) -> None:
-    atomic_write_text(Path(directory) / STATUS_FILE, json.dumps({"status": status, **fields}))
 
 
 def train_model(plan: TrainPlan, task: Any, train_cfg: dict[str, Any], model_dir: Path,
@@ -178,8 +118,8 @@ def train_model(plan: TrainPlan, task: Any, train_cfg: dict[str, Any], model_dir
     device = resolve_device(train_cfg["device"], info)
     trainer = _Trainer(plan, task, train_cfg, Path(model_dir), seed, info, device)
     status = read_status(trainer.model_dir)
-    if status and status.get("status") == "finished" and trainer.final_path.exists():
-        return trainer.load_finished(status)
+    if status and status.get("status") == "finished" and trainer.store.final_path.exists():
+        return trainer.load_finished()
     return trainer.fit()
 
 
@@ -193,7 +133,7 @@ class _Trainer:
 
         self.plan, self.task, self.cfg, self.info, self.device = plan, task, cfg, info, device
         self.model_dir = model_dir
-        self.final_path = model_dir / "model.safetensors"
+        self.store = ModelDir(model_dir, device)
         torch.manual_seed(seed)
         self.model = build_model(dict(plan.model_fields)).to(device)
         self.controller = build_controller(dict(plan.controller_cfg)).to(device)
@@ -221,7 +161,7 @@ class _Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        self._broadcast_parameters()
+        broadcast_from_main([*self.model.state_dict().values(), *self.params], self.info)
         self._resume()
         steps = self.cfg["steps"]
         show = self.cfg["progress"] and self.info.is_main
@@ -259,7 +199,7 @@ class _Trainer:
         self._check_finite(loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self._average_gradients()
+        average_gradients(self.params, self.info)
         if self.cfg["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg["grad_clip"])
         self.optimizer.step()
@@ -267,11 +207,7 @@ class _Trainer:
         return float(loss.detach()), batch.tokens.numel() * self.info.world
 
     def _check_finite(self, loss: Tensor) -> None:
-        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0],
-                           device=self.device)
-        if self.info.enabled:
-            dist.all_reduce(bad)
-        if bad.item() == 0:
+        if not any_rank(not torch.isfinite(loss.detach()).all(), self.info, self.device):
             return
         step = self.step + 1
         kept = f"kept the last good checkpoint (step {self.last_ckpt})" if self.last_ckpt else \
@@ -308,26 +244,7 @@ class _Trainer:
                 "val_accuracy": float(scores["correct"].float().mean()),
                 "val_mean_loops": float(out.depth.float().mean())}
 
-    # -- distributed -----------------------------------------------------------------------------
-    def _broadcast_parameters(self) -> None:
-        if self.info.enabled:
-            for tensor in [*self.model.state_dict().values(), *self.params]:
-                dist.broadcast(tensor.data, src=0)
-
-    def _average_gradients(self) -> None:
-        if not self.info.enabled:
-            return
-        for param in self.params:
-            if param.grad is None:  # same pattern on every rank; all_reduce needs a tensor
-                param.grad = torch.zeros_like(param)
-            dist.all_reduce(param.grad)
-            param.grad /= self.info.world
-
-    # -- checkpoints -----------------------------------------------------------------------------
-    @property
-    def ckpt_root(self) -> Path:
-        return self.model_dir / "ckpt"
-
+    # -- checkpoints (experiments.train.checkpoints) --------------------------------------------
     def _state(self) -> dict[str, Any]:
         return {
             "step": self.step,
@@ -344,31 +261,15 @@ class _Trainer:
     def _save_checkpoint(self) -> None:
         if not self.info.is_main:
             return
-        from models import save_model
-
-        name = f"step_{self.step:06d}"
-        staging = self.ckpt_root / f".tmp_{name}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        save_model(self.model, staging / "model.safetensors")
-        torch.save(self._state(), staging / "state.pt")
-        final = self.ckpt_root / name
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)  # directory rename: atomic on POSIX
-        atomic_write_text(self.ckpt_root / "latest", name)
-        for old in self.ckpt_root.glob("step_*"):
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
+        self.store.save_checkpoint(self.step, self.model, self._state())
         self.last_ckpt = self.step
-        write_status(self.model_dir, "running", step=self.step, checkpoint=self.step)
 
     def _resume(self) -> None:
-        pointer = self.ckpt_root / "latest"
-        if not pointer.exists():
+        directory = self.store.latest()
+        if directory is None:
             return
-        directory = self.ckpt_root / pointer.read_text().strip()
-        self._load_weights(directory / "model.safetensors")
-        state = self._load_pickle(directory / "state.pt")
+        self.store.load_weights(self.model, directory / "model.safetensors")
+        state = self.store.load_pickle(directory / "state.pt")
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -381,66 +282,18 @@ class _Trainer:
             self.step, self.history = state["step"], list(state["history"])
         except (KeyError, ValueError, RuntimeError, TypeError) as err:
             raise CheckpointError(f"cannot resume from {str(directory)!r}: {one_line(err)}; "
-                                  f"{self._remedy()}") from None
+                                  f"{self.store.remedy()}") from None
         self.last_ckpt = self.resumed_from = self.step
-
-    def _remedy(self) -> str:
-        return (f"re-run with a new out_dir, or delete {str(self.model_dir)!r} to retrain "
-                "this model")
-
-    def _load_weights(self, path: Path) -> None:
-        """Load a saved model into ``self.model``; ``CheckpointError`` if unreadable or if it was
-        written for another model config (nothing on disk is touched)."""
-        from models import load_model
-
-        try:
-            loaded = load_model(path, map_location=self.device)
-        except (ValueError, OSError, KeyError) as err:
-            raise CheckpointError(f"{one_line(err)}; {self._remedy()}") from None
-        saved, wanted = loaded.config.to_dict(), self.model.config.to_dict()
-        diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-        if diff:
-            fields = ", ".join(f"{k}={saved.get(k)!r} (config: {wanted.get(k)!r})" for k in diff)
-            raise CheckpointError(f"checkpoint {str(path)!r} was written for another model "
-                                  f"config: {fields}; {self._remedy()}")
-        self.model.load_state_dict(loaded.state_dict())
-
-    def _load_pickle(self, path: Path) -> dict[str, Any]:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # torch.load raises many types for truncated/corrupt files
-            raise CheckpointError(f"cannot read {str(path)!r} (truncated or corrupt?): "
-                                  f"{one_line(err)}; {self._remedy()}") from None
 
     def _save_final(self) -> None:
         if not self.info.is_main:
             return
-        from models import save_model
+        info = {"plan": self.plan.__dict__, "history": self.history,
+                "resumed_from": self.resumed_from}
+        self.store.save_final(self.model, self.controller, info, self.step)
 
-        staging = self.model_dir / ".tmp_final"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        save_model(self.model, staging / "model.safetensors")
-        torch.save({"controller": self.controller.state_dict()}, staging / "controller.pt")
-        for item in sorted(staging.iterdir()):
-            os.replace(item, self.model_dir / item.name)
-        shutil.rmtree(staging, ignore_errors=True)
-        atomic_write_text(self.model_dir / "train.json", json.dumps(
-            {"plan": self.plan.__dict__, "history": self.history,
-             "resumed_from": self.resumed_from}, indent=1, default=str))
-        write_status(self.model_dir, "finished", step=self.step)
-        shutil.rmtree(self.ckpt_root, ignore_errors=True)
-
-    def load_finished(self, status: dict[str, Any]) -> TrainResult:
+    def load_finished(self) -> TrainResult:
         """Reload a model whose training finished earlier (another process or invocation)."""
-        self._load_weights(self.final_path)
-        extra = self._load_pickle(self.model_dir / "controller.pt")
-        try:
-            self.controller.load_state_dict(extra["controller"])
-            info = json.loads((self.model_dir / "train.json").read_text())
-        except (KeyError, ValueError, RuntimeError, OSError) as err:
-            raise CheckpointError(f"cannot reload the finished model in "
-                                  f"{str(self.model_dir)!r}: {one_line(err)}; "
-                                  f"{self._remedy()}") from None
+        info = self.store.load_final(self.model, self.controller)
         return TrainResult(self.plan, self.model, self.controller, info["history"],
                            resumed_from=info.get("resumed_from"))

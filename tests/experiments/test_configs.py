@@ -11,8 +11,9 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
+from experiments.cli.preflight import preflight
 from experiments.config.validate import ConfigError, validate_config
-from experiments.study import plan_models, preflight
+from experiments.study import plan_models
 
 CONF = Path(__file__).resolve().parents[2] / "experiments" / "conf"
 ROOT = CONF.parents[1]

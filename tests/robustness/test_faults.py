@@ -22,11 +22,12 @@ import torch
 from _app_helpers import ROOT, TINY, compose_cfg
 
 import halting
+from experiments.cli.app import main
 from experiments.config.validate import validate_config
 from experiments.errors import CheckpointError
 from experiments.evaluate import evaluate_model
 from experiments.results import atomic_write_text
-from experiments.study import main, plan_models, run
+from experiments.study import plan_models, run
 from experiments.train import TrainingFailed, TrainResult
 from experiments.train.trainer import _Trainer
 from models import build_model
@@ -72,7 +73,7 @@ def test_nan_loss_stops_the_cli_run_names_the_step_and_keeps_the_checkpoint(
 
     def remember(self):
         original(self)
-        ckpt = self.ckpt_root / f"step_{self.step:06d}"
+        ckpt = self.store.ckpt_root / f"step_{self.step:06d}"
         checkpoint_bytes.update(_snapshot(ckpt))
         checkpoint_bytes["_dir"] = ckpt
 
