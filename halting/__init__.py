@@ -23,6 +23,7 @@ from halting.base import (
     task_loss,
 )
 from halting.depth import sample_training_depth
+from halting.generate import GenerateOutput, generate
 from halting.learned import AdaptiveComputationTime, HaltToken, OuroGate, PonderNet
 from halting.loop import MODES, TOKEN_POLICIES, run_loop, set_run_mode
 from halting.qhalt import QHalt
@@ -32,7 +33,8 @@ from halting.solver import SolverController
 __all__ = [
     "CONTROLLERS", "CRITERIA", "GRANULARITIES", "MODES", "TOKEN_POLICIES",
     "AdaptiveComputationTime", "Capabilities", "ConvergenceExit", "Criterion", "FixedLoops",
-    "HaltToken", "LoopController", "LoopDraft", "LoopOutput", "OuroGate", "PonderNet", "QHalt",
-    "RunState", "SolverController", "StepView", "build_controller", "controller_defaults",
-    "run_loop", "set_run_mode", "sample_training_depth", "task_loss",
+    "GenerateOutput", "HaltToken", "LoopController", "LoopDraft", "LoopOutput", "OuroGate",
+    "PonderNet", "QHalt", "RunState", "SolverController", "StepView", "build_controller",
+    "controller_defaults", "generate", "run_loop", "set_run_mode", "sample_training_depth",
+    "task_loss",
 ]

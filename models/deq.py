@@ -32,6 +32,7 @@ from torchdeq.norm import apply_norm, reset_norm
 
 from models.base import LoopContext
 from models.config import ModelConfig
+from models.kv_cache import DecodeCache, DecodePositions
 from models.layers import RMSNorm
 from models.looped import ARCH_REGISTRY, TransformerLoop
 
@@ -91,3 +92,8 @@ class DEQ(TransformerLoop):
 
     def _loop_output(self, x: Tensor, y: Tensor, inject: Tensor, k: int) -> Tensor:
         return inject + (y - x)
+
+    def decode_inject(self, tokens: Tensor, cache: DecodeCache, at: DecodePositions,
+                      rows: Tensor | None = None) -> Tensor:
+        # the normalised weights of the prompt's prepare stay in place: no reset per token
+        return self.input_norm(self.embed(tokens))

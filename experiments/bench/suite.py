@@ -30,6 +30,8 @@ Suite (targets from issue #6):
 10. ``study_ab``   the default study of this tree / of a baseline tree (``LOOPSCOPE_BASELINE``),
                    alternating, with its results tables compared: <= 0.5 (issue 14; not in
                    --quick, and not in the default suite: it needs the baseline checkout).
+11. ``decode``     cached decoding: PLT parallel R=2 / R=1 per token <= 1.3, parallel /
+                   sequential at R=2 and 4, adaptive exit / fixed at the same mean depth <= 1.2.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ MODULES = {
     "memory": "experiments.bench.solvers", "throughput": "experiments.bench.loop",
     "scaling": "experiments.bench.loop", "verdicts": "experiments.bench.study",
     "study": "experiments.bench.study", "study_ab": "experiments.bench.ab",
+    "decode": "experiments.bench.decode",
 }
 ON_REQUEST = ("study_ab",)  # not in the suite; run only when named with --only
 SUITE = tuple(name for name in MODULES if name not in ON_REQUEST)
