@@ -287,6 +287,12 @@ def _check_models(plain: dict[str, Any], task: Any) -> dict[str, dict[str, Any]]
         where = "model" if not plain["study"]["models"] else f"study.models.{key}"
         if not isinstance(section, dict):
             raise ConfigError(f"{where} must be a mapping of ModelConfig fields, got {section!r}")
+        if section.get("arch") in ("hf", "hf_retrofit"):
+            raise ConfigError(
+                f"{where}: a Hugging Face checkpoint is not trained by a study yet; unroll and "
+                f"classify it with loopscope-diagnose {section.get('path')} --loop-layers A B "
+                "--task NAME"
+            )
         for name in TASK_MODEL_FIELDS:
             if name in section:
                 raise ConfigError(f"{where}.{name} is set from the task ({task.name}); remove it")
