@@ -16,6 +16,7 @@ writes.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -211,7 +212,9 @@ def _evaluate_and_write(conf: dict[str, Any], valid: ValidConfig, trained: list[
     atomic_write_text(out / "run.json", json.dumps(info, indent=1, default=str))
     skipped: dict[str, str] = {}
     drawing = time.perf_counter()
-    figures = draw_all(out, skipped=skipped) if conf["eval"]["figures"] else []
+    # the figures are independent: drawn by as many processes as trained the models
+    workers = max(1, min(conf["train"]["workers"], os.cpu_count() or 1))
+    figures = draw_all(out, skipped=skipped, workers=workers) if conf["eval"]["figures"] else []
     TIMING["figures_s"] = time.perf_counter() - drawing
     info["timing"] = dict(TIMING)
     info["wall_seconds"] = time.perf_counter() - started

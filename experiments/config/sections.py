@@ -116,7 +116,8 @@ class TrainConfig:
     progress: bool = setting(True)
     """Show a progress bar."""
     workers: int = setting(1, low=1)
-    """Train, then evaluate, independent models in this many processes (CPU only)."""
+    """Train, then evaluate, independent models in this many processes (CPU only); the figures
+    are drawn by as many processes."""
 
 
 @dataclass

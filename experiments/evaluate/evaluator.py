@@ -191,7 +191,14 @@ class _SplitEvaluator:
 
     def tolerance_row(self) -> None:
         """The residual-criterion threshold, drawn as the tolerance line of the traces figure."""
+        from halting import build_controller
+
         for name, cfg in self.cfg["controllers"].items():
-            if cfg.get("criterion") == "residual" and cfg.get("threshold") is not None:
-                self.rows.results([(name, 0, 0, "tolerance", float(cfg["threshold"]))])
+            if cfg.get("criterion") == "residual":
+                # ``threshold: null`` means the criterion's own default: read it off the built
+                # controller, else the row (and the figure's tolerance line) silently vanishes
+                threshold = cfg.get("threshold")
+                if threshold is None:
+                    threshold = build_controller(dict(cfg)).threshold
+                self.rows.results([(name, 0, 0, "tolerance", float(threshold))])
                 return

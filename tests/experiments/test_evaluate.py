@@ -104,3 +104,29 @@ def test_oracle_rows_follow_the_fixed_sweep(evaluated):
         assert _value(frames["results"], "conv", 3, "oracle_regret") == pytest.approx(regret)
     else:  # no sample is ever right within the budget: no regret row is written
         assert not (frames["results"]["metric"] == "oracle_regret").any()
+
+
+def test_tolerance_row_reads_the_criterion_default_when_threshold_is_null():
+    """``threshold: null`` (the default study's residual controller) still records the tolerance
+    the traces figure draws; it was silently dropped (10 rows fewer than the old main)."""
+    from experiments.evaluate.evaluator import _SplitEvaluator
+    from halting import build_controller
+
+    class Rows:
+        def __init__(self):
+            self.rows = []
+
+        def results(self, rows):
+            self.rows += rows
+
+    evaluator = object.__new__(_SplitEvaluator)
+    evaluator.rows = Rows()
+    evaluator.cfg = {"controllers": {"convergence_residual": {
+        "name": "convergence", "criterion": "residual", "threshold": None}}}
+    evaluator.tolerance_row()
+    default = build_controller("convergence", criterion="residual").threshold
+    assert evaluator.rows.rows == [("convergence_residual", 0, 0, "tolerance", default)]
+    evaluator.rows = Rows()
+    evaluator.cfg["controllers"]["convergence_residual"]["threshold"] = 0.01
+    evaluator.tolerance_row()
+    assert evaluator.rows.rows[0][-1] == 0.01
