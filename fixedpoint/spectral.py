@@ -28,27 +28,31 @@ Sources:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+from fixedpoint.krylov import arnoldi, ritz_radius
+from fixedpoint.maps import RowMap
 
 Map = Callable[..., Tensor]
 METHODS = ("jvp", "vjp")
 
 
-def whole_batch(f: Map) -> Callable[[Tensor], Tensor]:
-    """Wrap ``f`` so it is called on the whole batch: ``f(z, rows=None)`` if it takes ``rows``."""
+def whole_batch(
+    f: Map, batch: int | None = None, inputs: Any = None
+) -> Callable[[Tensor], Tensor]:
+    """``f`` as a whole-batch map: ``f(z, *inputs)``, ``f(z, rows=arange(B))`` or ``f(z)``."""
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
-    try:
-        takes_rows = "rows" in inspect.signature(f).parameters
-    except (TypeError, ValueError):  # builtins without a signature
-        takes_rows = False
-    call = (lambda z: f(z, rows=None)) if takes_rows else f
+    call = None if batch is None else RowMap(f, batch, inputs)
 
     def checked(z: Tensor) -> Tensor:
+        nonlocal call
+        if call is None:
+            call = RowMap(f, z.shape[0], inputs)
         out = call(z)
         if not isinstance(out, Tensor):
             raise TypeError(f"f must return a Tensor, got {type(out).__name__}")
@@ -101,60 +105,91 @@ def _compose(f: Callable[[Tensor], Tensor], period: int) -> Callable[[Tensor], T
     return composed
 
 
-def _geometric_growth(log_growth: list[Tensor]) -> Tensor:
-    """exp of the mean log growth over the last half of the iterations: list of (B,) -> (B,)."""
-    tail = torch.stack(log_growth[len(log_growth) // 2 :])  # (iters/2, B)
-    return tail.mean(0).exp()
+class SpectralRadius(NamedTuple):
+    """``spectral_radius(..., with_error=True)``: the estimate, its error bound, and whether it is
+    trustworthy (``error <= rtol * max(rho, rtol)``)."""
+
+    rho: Tensor
+    error: Tensor
+    converged: Tensor
 
 
-def _power_jvp(g: Callable[[Tensor], Tensor], z: Tensor, v: Tensor, iters: int) -> Tensor:
-    log_growth = []
-    for _ in range(iters):
-        _, jv = torch.func.jvp(g, (z,), (v,))
-        norm = _sample_norm(jv)
-        log_growth.append(norm.log())
-        v = _unit(jv, norm, v)
-    return _geometric_growth(log_growth)
+def _operator(
+    g: Callable[[Tensor], Tensor], z: Tensor, method: str
+) -> Callable[[Tensor], Tensor]:
+    """Flat float64 (B, N) -> (B, N): ``J v`` (jvp) or ``J^T v`` (vjp) of g at z, per sample."""
+    shape, dtype = z.shape, z.dtype
 
+    def as_state(v: Tensor) -> Tensor:
+        return v.to(dtype).reshape(shape)
 
-def _power_vjp(g: Callable[[Tensor], Tensor], z: Tensor, v: Tensor, iters: int) -> Tensor:
+    if method == "jvp":
+        def jvp(v: Tensor) -> Tensor:
+            with torch.no_grad():
+                return torch.func.jvp(g, (z,), (as_state(v),))[1].reshape(shape[0], -1).double()
+
+        return jvp
     with torch.enable_grad():
         z_in = z.detach().requires_grad_(True)
         out = g(z_in)
-        log_growth = []
-        for _ in range(iters):
-            (jtv,) = torch.autograd.grad(out, z_in, v, retain_graph=True)
-            norm = _sample_norm(jtv)
-            log_growth.append(norm.log())
-            v = _unit(jtv, norm, v)
-    return _geometric_growth(log_growth)
+
+    def vjp(v: Tensor) -> Tensor:
+        (jtv,) = torch.autograd.grad(out, z_in, as_state(v), retain_graph=True)
+        return jtv.reshape(shape[0], -1).double()
+
+    return vjp
+
+
+def _ritz(g: Callable[[Tensor], Tensor], z: Tensor, v: Tensor, iters: int, method: str,
+          ) -> tuple[Tensor, Tensor]:
+    steps = min(iters, z[0].numel())
+    eps = float(torch.finfo(z.dtype).eps)
+    apply = _operator(g, z, method)
+    flat = v.reshape(v.shape[0], -1).double()
+    if method == "jvp":
+        try:
+            apply(flat)  # forward AD missing for some op (fused CPU SDPA): fall back to vjp
+        except (RuntimeError, NotImplementedError):
+            apply = _operator(g, z, "vjp")
+    hess, beta = arnoldi(apply, flat, steps, eps)
+    return ritz_radius(hess, beta, eps)
 
 
 def spectral_radius(
     f: Map,
     z: Tensor,
-    iters: int = 30,
+    iters: int = 64,
     *,
+    inputs: Any = None,
     method: str = "jvp",
     period: int = 1,
     generator: torch.Generator | None = None,
-) -> Tensor:
-    """Per-sample spectral radius of the Jacobian of ``f`` at ``z`` by power iteration.
+    with_error: bool = False,
+    rtol: float = 1e-2,
+) -> Tensor | SpectralRadius:
+    """Per-sample spectral radius of the Jacobian of ``f`` at ``z`` from Arnoldi's Ritz values.
+
+    Right on non-normal, defective and nilpotent Jacobians, on complex pairs and rotations
+    (``fixedpoint.krylov``); exact once the Krylov space is invariant (a state dimension <= iters,
+    a Jacobian of rank < iters, or a nilpotency index < iters). No dense Jacobian is formed.
 
     Args:
-        f: batched map (B, ...) -> (B, ...) with independent rows; a ``rows`` parameter, if any, is
-            passed ``None``.
+        f: batched map (B, ...) -> (B, ...) with independent rows: ``f(z, *inputs)``, a plain
+            ``f(z)``, or the deprecated ``f(z, rows)`` (given ``arange(B)``).
         z: (B, ...) point at which the Jacobian is taken. Not modified; no gradient reaches it.
-        iters: power iterations; the estimate averages the log growth of the last ``iters // 2``.
-        method: ``"jvp"`` (forward mode, power iteration on J; falls back to ``"vjp"`` when forward
-            AD raises) or ``"vjp"`` (reverse mode, power iteration on J^T; same radius).
+        iters: Krylov dimension (Jacobian products), capped at the state size.
+        inputs: per-sample inputs of f, as for ``solve``.
+        method: ``"jvp"`` (forward mode on J; falls back to ``"vjp"`` when forward AD raises) or
+            ``"vjp"`` (reverse mode on J^T; same spectrum).
         period: compose ``f`` this many times and return the ``period``-th root of the radius of
             the composed map, i.e. the per-step Floquet multiplier of a period-``period`` cycle
             through ``z``. With ``period=1`` the plain one-step radius.
         generator: seeds the random start vector (default: a CPU generator seeded 0).
+        with_error: return ``SpectralRadius(rho, error, converged)`` instead of rho.
+        rtol: relative error under which ``converged`` is True.
 
     Returns:
-        (B,) float tensor: rho per sample (float32, or float64 for float64 ``z``).
+        (B,) rho per sample (float32, or float64 for float64 ``z``), or a ``SpectralRadius``.
 
     Example:
         >>> a = 0.9 * torch.tensor([[0.309, -0.951], [0.951, 0.309]])  # 0.9 x rotation 2pi/5
@@ -169,18 +204,17 @@ def spectral_radius(
         raise ValueError(f"z must be a (B, ...) tensor with B >= 1, got {getattr(z, 'shape', z)}")
     if not z.is_floating_point():
         raise TypeError(f"z must be a floating-point tensor, got dtype {z.dtype}")
-    g = _compose(whole_batch(f), period)
+    g = _compose(whole_batch(f, z.shape[0], inputs), period)
     z = z.detach()
-    v = _random_unit(z, generator)
-    if method == "jvp":
-        try:
-            with torch.no_grad():
-                rho = _power_jvp(g, z, v, iters)
-        except (RuntimeError, NotImplementedError):  # forward AD missing for some op
-            rho = _power_vjp(g, z, v, iters)
-    else:
-        rho = _power_vjp(g, z, v, iters)
-    return rho.detach() ** (1.0 / period)
+    rho, error = _ritz(g, z, _random_unit(z, generator), iters, method)
+    out_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    # the p-th root of the p-step radius; its error by the derivative of x^(1/p)
+    root = rho.clamp_min(0) ** (1.0 / period)
+    error = error * root / (period * rho.clamp_min(1e-300)) if period > 1 else error
+    root, error = root.to(out_dtype), error.to(out_dtype)
+    if not with_error:
+        return root
+    return SpectralRadius(root, error, error <= rtol * root.clamp_min(rtol))
 
 
 def _benettin_jvp(

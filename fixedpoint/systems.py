@@ -331,3 +331,17 @@ def _register_all() -> None:
 
 
 _register_all()
+
+
+def random_orthogonal(dim: int, seed: int = 0) -> Tensor:
+    """A Haar-random (dim, dim) float64 orthogonal matrix (QR of a Gaussian, signs fixed)."""
+    gauss = torch.randn(dim, dim, generator=torch.Generator().manual_seed(seed),
+                        dtype=torch.float64)
+    q, r = torch.linalg.qr(gauss)
+    return q * torch.sign(torch.diagonal(r))
+
+
+def jordan_matrix(size: int, eigenvalue: float) -> Tensor:
+    """The (size, size) float64 Jordan block: ``eigenvalue`` on the diagonal, ones above it."""
+    return eigenvalue * torch.eye(size, dtype=torch.float64) + torch.diag(
+        torch.ones(size - 1, dtype=torch.float64), 1)
