@@ -4,15 +4,11 @@ Both quantities are per sample: ``f`` maps a (B, ...) batch to the same shape wi
 so its Jacobian is block diagonal and one Jacobian-vector product serves the whole batch.
 
 Sources:
-- Spectral radius by power iteration on Jacobian-vector products (von Mises power method; Golub &
-  Van Loan, *Matrix Computations*, §7.3). The estimate is the geometric-mean growth of ``||J v||``
-  with ``v`` renormalised every step, averaged over the last half of the iterations. Unlike the
-  Rayleigh quotient ``v^T J v`` (torchdeq's ``sradius``), the growth of the norm is correct when the
-  dominant eigenvalues are a complex pair: a rotation by 2pi/5 scaled by 0.9 has every
-  ``||J v|| = 0.9`` while its Rayleigh quotient is 0.9 cos(2pi/5) = 0.28 (REFERENCE.md §3-§4).
-  When the dominant pair is complex and its eigenvectors are far from orthogonal, ``||J^n v||``
-  oscillates within a factor cond(eigenbasis) of rho^n, so the estimate errs by at most
-  ln(cond) / (iters / 2) in log rho: raise ``iters`` for such maps.
+- Spectral radius from the Ritz values of a batched Arnoldi process on Jacobian-vector products
+  (``fixedpoint.krylov``): power iteration's k-th-root growth is wrong on non-normal and nilpotent
+  Jacobians at any affordable k (1.31 for a Jordan block of eigenvalue 0.9, 0.99 for a nilpotent
+  shift); Ritz values are exact once the Krylov space is invariant and right for complex pairs
+  (where the Rayleigh quotient of torchdeq's ``sradius`` fails, REFERENCE.md section 3-4).
 - On a period-p cycle the meaningful quantity is the spectral radius of the p-step product
   ``J(z_{p-1}) ... J(z_0)`` (Floquet multiplier of the cycle); ``period=p`` composes ``f`` p times
   and returns its p-th root, so the result is comparable with the one-step radius (< 1 stable).
@@ -220,14 +216,14 @@ def spectral_radius(
 def _benettin_jvp(
     g: Callable[[Tensor], Tensor], z: Tensor, v: Tensor, steps: int, warmup: int
 ) -> Tensor:
-    total = torch.zeros(z.shape[0], dtype=_sample_norm(z[:1]).dtype, device=z.device)
+    growth = []
     for step in range(warmup + steps):
         z, jv = torch.func.jvp(g, (z,), (v,))
         norm = _sample_norm(jv)
         if step >= warmup:
-            total = total + norm.log()
+            growth.append(norm.log())
         v = _unit(jv, norm, v)
-    return total / steps
+    return torch.stack(growth)  # (steps, B)
 
 
 def _benettin_vjp(
@@ -243,16 +239,39 @@ def _benettin_vjp(
             z = g(z)
     # Backward: propagate a covector from the last state to the first; its first ``warmup``
     # growths align it with the dominant singular direction and are not counted.
-    total = torch.zeros(z.shape[0], dtype=_sample_norm(z[:1]).dtype, device=z.device)
+    growth = []
     with torch.enable_grad():
         for count, state in enumerate(reversed(states)):
             z_in = state.detach().requires_grad_(True)
             (jtv,) = torch.autograd.grad(g(z_in), z_in, v)
             norm = _sample_norm(jtv)
             if count >= warmup:
-                total = total + norm.log()
+                growth.append(norm.log())
             v = _unit(jtv, norm, v)
-    return total / steps
+    return torch.stack(growth[::-1])  # (steps, B), in time order
+
+
+def tangent_growth(
+    f: Map,
+    z0: Tensor,
+    steps: int,
+    *,
+    warmup: int = 0,
+    method: str = "jvp",
+    inputs: Any = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """(steps, B) log growth of a renormalised tangent vector per step (Benettin's summands)."""
+    g = whole_batch(f, z0.shape[0], inputs)
+    z0 = z0.detach()
+    v = _random_unit(z0, generator)
+    if method == "jvp":
+        try:
+            with torch.no_grad():
+                return _benettin_jvp(g, z0, v, steps, warmup)
+        except (RuntimeError, NotImplementedError):
+            pass
+    return _benettin_vjp(g, z0, v, steps, warmup).detach()
 
 
 def lyapunov_exponent(
@@ -262,6 +281,7 @@ def lyapunov_exponent(
     *,
     warmup: int = 0,
     method: str = "jvp",
+    inputs: Any = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Finite-time largest Lyapunov exponent along the trajectory of ``f`` from ``z0`` (Benettin).
@@ -274,6 +294,7 @@ def lyapunov_exponent(
             the tangent vector with the most expanding direction (the standard transient discard).
         method: ``"jvp"`` (tangent vector forward; falls back to ``"vjp"`` if forward AD raises) or
             ``"vjp"`` (covector propagated backwards over the recorded states; same exponent).
+        inputs: per-sample inputs of f, as for ``solve``.
         generator: seeds the random initial tangent vector.
 
     Returns:
@@ -296,13 +317,6 @@ def lyapunov_exponent(
         raise ValueError(f"z0 must be a (B, ...) tensor with B >= 1, got {got}")
     if not z0.is_floating_point():
         raise TypeError(f"z0 must be a floating-point tensor, got dtype {z0.dtype}")
-    g = whole_batch(f)
-    z0 = z0.detach()
-    v = _random_unit(z0, generator)
-    if method == "jvp":
-        try:
-            with torch.no_grad():
-                return _benettin_jvp(g, z0, v, steps, warmup)
-        except (RuntimeError, NotImplementedError):
-            pass
-    return _benettin_vjp(g, z0, v, steps, warmup).detach()
+    growth = tangent_growth(f, z0, steps, warmup=warmup, method=method, inputs=inputs,
+                            generator=generator)
+    return growth.mean(0)
