@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fixedpoint.problem import RowCall, Solution
+from fixedpoint.maps import RowMap as RowCall
+from fixedpoint.problem import Solution
 
 AdjointSolve = Callable[[Callable[..., Tensor], Tensor], Solution]
 

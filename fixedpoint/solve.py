@@ -24,7 +24,8 @@ from common.registry import Registry
 from fixedpoint import backward as grads
 from fixedpoint._torchdeq import OPTIONS as TORCHDEQ_OPTIONS
 from fixedpoint._torchdeq import run_torchdeq
-from fixedpoint.problem import STATUS_NAMES, Problem, Solution, row_caller
+from fixedpoint.maps import RowMap
+from fixedpoint.problem import STATUS_NAMES, Problem, Solution
 from fixedpoint.solvers import anderson, broyden, fixed_point_iter
 
 __all__ = [
@@ -83,7 +84,8 @@ def _validate(f: Any, z0: Any, tol: Any, max_iter: Any, stop_mode: Any, backward
 
 
 def _run(
-    name: str, f: Callable[..., Tensor], z0: Tensor, settings: dict[str, Any], options: dict
+    name: str, f: Callable[..., Tensor] | RowMap, z0: Tensor, settings: dict[str, Any],
+    options: dict
 ) -> Solution:
     """Run solver ``name`` on a fresh ``Problem``; unknown options become a TypeError."""
     fn = SOLVERS.get(name)
@@ -102,6 +104,7 @@ def solve(
     f: Callable[..., Tensor],
     z0: Tensor,
     *,
+    inputs: Any = None,
     solver: str = "anderson",
     tol: float = 1e-4,
     max_iter: int = 50,
@@ -121,23 +124,28 @@ def solve(
 
     ``f`` maps a (B, ...) tensor to the same shape and must treat rows independently: row i of
     f(z) may depend only on row i of z (no batch statistics). Once a sample's residual is
-    ``<= tol`` it is frozen and f is evaluated only on the remaining rows. If ``f`` has a
-    parameter named ``rows``, it is called ``f(z_active, rows=idx)`` with ``idx`` the LongTensor
-    of those rows' indices in the original batch, so it can slice per-sample data (e.g. the
-    input ``x`` of ``tanh(W z + x)``); otherwise ``f(z_active)``, and f must not capture
-    per-sample tensors. ``idx`` stays the same tensor object until the active set changes, so
-    f can cache its slices keyed on ``idx``'s identity instead of comparing values (no host
-    sync). f must be deterministic (no dropout sampling between calls).
+    ``<= tol`` it is frozen and f is evaluated only on the remaining rows. Per-sample data
+    (the ``x`` of ``tanh(W z + x)``) is passed as ``inputs=(x, ...)`` and f is called
+    ``f(z_active, x[active], ...)``: the library slices every input to the active rows. A plain
+    ``f(z)`` that closes over (B, ...) tensors also works: it is detected on the first call on
+    fewer rows and evaluated on the whole batch from then on, the stopped rows frozen
+    (``fixedpoint.maps``). The deprecated ``f(z, rows)`` form still works. f must be
+    deterministic (no dropout sampling between calls).
+
+    ``converged`` guarantees, at the returned z of that sample, ``||f(z) - z|| <= tol * scale``
+    with scale ``sqrt(n)`` for ``abs`` (RMS units) and ``max(||f(z)||, 1e-3 ||f(z0)||)`` for
+    ``rel`` (``fixedpoint.problem``); nothing the solver visited on the way enters the scale.
 
     Args:
-        f: the map.
+        f: the map, ``f(z, *inputs)``.
         z0: (B, ...) initial state; its dtype and device are kept.
+        inputs: per-sample inputs of f: (B, ...) tensors, or objects with ``select(rows)``.
         solver: a name in ``SOLVERS``: ``anderson``, ``broyden``, ``fixed_point_iter``,
             ``torchdeq.<name>``, or one added with ``register_solver``.
         tol: residual tolerance (RMS units for ``abs``; see ``fixedpoint.problem``).
         max_iter: most f evaluations per sample.
-        stop_mode: ``"abs"`` (||f(z)-z|| / sqrt(n)) or ``"rel"`` (divided by the larger of
-            ||f(z)|| and the trajectory's mean ||f(z_j)||).
+        stop_mode: ``"abs"`` (||f(z)-z|| / sqrt(n)) or ``"rel"`` (||f(z)-z|| divided by
+            max(||f(z)||, 1e-3 ||f(z0)||) at the same z).
         backward: gradient when grad is enabled and f's parameters or inputs require it:
             ``implicit`` (adjoint fixed point), ``phantom`` (``phantom_steps`` damped steps with
             ``phantom_tau``), ``one_step`` (phantom with 1 step, tau 1), ``unroll`` (autograd
@@ -159,7 +167,7 @@ def solve(
 
     Example:
         >>> W = 0.5 * torch.eye(4); x = torch.randn(8, 4)
-        >>> sol = solve(lambda z, rows: torch.tanh(z @ W + x[rows]), torch.zeros(8, 4))
+        >>> sol = solve(lambda z, x: torch.tanh(z @ W + x), torch.zeros(8, 4), inputs=(x,))
         >>> sol.status_names[0], int(sol.steps.max()) <= 50
         ('converged', True)
     """
@@ -170,6 +178,7 @@ def solve(
     settings = {"tol": float(tol), "max_iter": max_iter, "stop_mode": stop_mode,
                 "record": record, "return_best": return_best, "diverge_factor": diverge_factor}
     SOLVERS.get(solver)  # unknown name -> KeyError before any work
+    call = RowMap(f, z0.shape[0], inputs)  # one map for the forward solve and the backward
     if backward == "unroll":
         if solver.startswith(NOT_UNROLLABLE):
             raise ValueError(
@@ -177,12 +186,12 @@ def solve(
                 f"{solver!r} updates its history in place. Use solver='fixed_point_iter' "
                 f"(or a registered out-of-place solver), or another backward of {list(BACKWARDS)}"
             )
-        return _run(solver, f, z0, settings, solver_kwargs)
+        return _run(solver, call, z0, settings, solver_kwargs)
     with torch.no_grad():
-        solution = _run(solver, f, z0.detach(), settings, solver_kwargs)
+        solution = _run(solver, call, z0.detach(), settings, solver_kwargs)
     if not torch.is_grad_enabled() or z0.shape[0] == 0:
         return solution
-    call = row_caller(f)
+    call.anchor(solution.z)
     if backward == "implicit":
         adjoint = _adjoint_solver(solver, adjoint_solver, settings, adjoint_tol, adjoint_max_iter)
         solution.z = grads.attach_implicit(call, solution.z, solution, adjoint)

@@ -4,15 +4,11 @@ Both quantities are per sample: ``f`` maps a (B, ...) batch to the same shape wi
 so its Jacobian is block diagonal and one Jacobian-vector product serves the whole batch.
 
 Sources:
-- Spectral radius by power iteration on Jacobian-vector products (von Mises power method; Golub &
-  Van Loan, *Matrix Computations*, §7.3). The estimate is the geometric-mean growth of ``||J v||``
-  with ``v`` renormalised every step, averaged over the last half of the iterations. Unlike the
-  Rayleigh quotient ``v^T J v`` (torchdeq's ``sradius``), the growth of the norm is correct when the
-  dominant eigenvalues are a complex pair: a rotation by 2pi/5 scaled by 0.9 has every
-  ``||J v|| = 0.9`` while its Rayleigh quotient is 0.9 cos(2pi/5) = 0.28 (REFERENCE.md §3-§4).
-  When the dominant pair is complex and its eigenvectors are far from orthogonal, ``||J^n v||``
-  oscillates within a factor cond(eigenbasis) of rho^n, so the estimate errs by at most
-  ln(cond) / (iters / 2) in log rho: raise ``iters`` for such maps.
+- Spectral radius from the Ritz values of a batched Arnoldi process on Jacobian-vector products
+  (``fixedpoint.krylov``): power iteration's k-th-root growth is wrong on non-normal and nilpotent
+  Jacobians at any affordable k (1.31 for a Jordan block of eigenvalue 0.9, 0.99 for a nilpotent
+  shift); Ritz values are exact once the Krylov space is invariant and right for complex pairs
+  (where the Rayleigh quotient of torchdeq's ``sradius`` fails, REFERENCE.md section 3-4).
 - On a period-p cycle the meaningful quantity is the spectral radius of the p-step product
   ``J(z_{p-1}) ... J(z_0)`` (Floquet multiplier of the cycle); ``period=p`` composes ``f`` p times
   and returns its p-th root, so the result is comparable with the one-step radius (< 1 stable).
@@ -28,27 +24,31 @@ Sources:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+from fixedpoint.krylov import arnoldi, ritz_radius
+from fixedpoint.maps import RowMap
 
 Map = Callable[..., Tensor]
 METHODS = ("jvp", "vjp")
 
 
-def whole_batch(f: Map) -> Callable[[Tensor], Tensor]:
-    """Wrap ``f`` so it is called on the whole batch: ``f(z, rows=None)`` if it takes ``rows``."""
+def whole_batch(
+    f: Map, batch: int | None = None, inputs: Any = None
+) -> Callable[[Tensor], Tensor]:
+    """``f`` as a whole-batch map: ``f(z, *inputs)``, ``f(z, rows=arange(B))`` or ``f(z)``."""
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
-    try:
-        takes_rows = "rows" in inspect.signature(f).parameters
-    except (TypeError, ValueError):  # builtins without a signature
-        takes_rows = False
-    call = (lambda z: f(z, rows=None)) if takes_rows else f
+    call = None if batch is None else RowMap(f, batch, inputs)
 
     def checked(z: Tensor) -> Tensor:
+        nonlocal call
+        if call is None:
+            call = RowMap(f, z.shape[0], inputs)
         out = call(z)
         if not isinstance(out, Tensor):
             raise TypeError(f"f must return a Tensor, got {type(out).__name__}")
@@ -101,60 +101,91 @@ def _compose(f: Callable[[Tensor], Tensor], period: int) -> Callable[[Tensor], T
     return composed
 
 
-def _geometric_growth(log_growth: list[Tensor]) -> Tensor:
-    """exp of the mean log growth over the last half of the iterations: list of (B,) -> (B,)."""
-    tail = torch.stack(log_growth[len(log_growth) // 2 :])  # (iters/2, B)
-    return tail.mean(0).exp()
+class SpectralRadius(NamedTuple):
+    """``spectral_radius(..., with_error=True)``: the estimate, its error bound, and whether it is
+    trustworthy (``error <= rtol * max(rho, rtol)``)."""
+
+    rho: Tensor
+    error: Tensor
+    converged: Tensor
 
 
-def _power_jvp(g: Callable[[Tensor], Tensor], z: Tensor, v: Tensor, iters: int) -> Tensor:
-    log_growth = []
-    for _ in range(iters):
-        _, jv = torch.func.jvp(g, (z,), (v,))
-        norm = _sample_norm(jv)
-        log_growth.append(norm.log())
-        v = _unit(jv, norm, v)
-    return _geometric_growth(log_growth)
+def _operator(
+    g: Callable[[Tensor], Tensor], z: Tensor, method: str
+) -> Callable[[Tensor], Tensor]:
+    """Flat float64 (B, N) -> (B, N): ``J v`` (jvp) or ``J^T v`` (vjp) of g at z, per sample."""
+    shape, dtype = z.shape, z.dtype
 
+    def as_state(v: Tensor) -> Tensor:
+        return v.to(dtype).reshape(shape)
 
-def _power_vjp(g: Callable[[Tensor], Tensor], z: Tensor, v: Tensor, iters: int) -> Tensor:
+    if method == "jvp":
+        def jvp(v: Tensor) -> Tensor:
+            with torch.no_grad():
+                return torch.func.jvp(g, (z,), (as_state(v),))[1].reshape(shape[0], -1).double()
+
+        return jvp
     with torch.enable_grad():
         z_in = z.detach().requires_grad_(True)
         out = g(z_in)
-        log_growth = []
-        for _ in range(iters):
-            (jtv,) = torch.autograd.grad(out, z_in, v, retain_graph=True)
-            norm = _sample_norm(jtv)
-            log_growth.append(norm.log())
-            v = _unit(jtv, norm, v)
-    return _geometric_growth(log_growth)
+
+    def vjp(v: Tensor) -> Tensor:
+        (jtv,) = torch.autograd.grad(out, z_in, as_state(v), retain_graph=True)
+        return jtv.reshape(shape[0], -1).double()
+
+    return vjp
+
+
+def _ritz(g: Callable[[Tensor], Tensor], z: Tensor, v: Tensor, iters: int, method: str,
+          ) -> tuple[Tensor, Tensor]:
+    steps = min(iters, z[0].numel())
+    eps = float(torch.finfo(z.dtype).eps)
+    apply = _operator(g, z, method)
+    flat = v.reshape(v.shape[0], -1).double()
+    if method == "jvp":
+        try:
+            apply(flat)  # forward AD missing for some op (fused CPU SDPA): fall back to vjp
+        except (RuntimeError, NotImplementedError):
+            apply = _operator(g, z, "vjp")
+    hess, beta = arnoldi(apply, flat, steps, eps)
+    return ritz_radius(hess, beta, eps)
 
 
 def spectral_radius(
     f: Map,
     z: Tensor,
-    iters: int = 30,
+    iters: int = 64,
     *,
+    inputs: Any = None,
     method: str = "jvp",
     period: int = 1,
     generator: torch.Generator | None = None,
-) -> Tensor:
-    """Per-sample spectral radius of the Jacobian of ``f`` at ``z`` by power iteration.
+    with_error: bool = False,
+    rtol: float = 1e-2,
+) -> Tensor | SpectralRadius:
+    """Per-sample spectral radius of the Jacobian of ``f`` at ``z`` from Arnoldi's Ritz values.
+
+    Right on non-normal, defective and nilpotent Jacobians, on complex pairs and rotations
+    (``fixedpoint.krylov``); exact once the Krylov space is invariant (a state dimension <= iters,
+    a Jacobian of rank < iters, or a nilpotency index < iters). No dense Jacobian is formed.
 
     Args:
-        f: batched map (B, ...) -> (B, ...) with independent rows; a ``rows`` parameter, if any, is
-            passed ``None``.
+        f: batched map (B, ...) -> (B, ...) with independent rows: ``f(z, *inputs)``, a plain
+            ``f(z)``, or the deprecated ``f(z, rows)`` (given ``arange(B)``).
         z: (B, ...) point at which the Jacobian is taken. Not modified; no gradient reaches it.
-        iters: power iterations; the estimate averages the log growth of the last ``iters // 2``.
-        method: ``"jvp"`` (forward mode, power iteration on J; falls back to ``"vjp"`` when forward
-            AD raises) or ``"vjp"`` (reverse mode, power iteration on J^T; same radius).
+        iters: Krylov dimension (Jacobian products), capped at the state size.
+        inputs: per-sample inputs of f, as for ``solve``.
+        method: ``"jvp"`` (forward mode on J; falls back to ``"vjp"`` when forward AD raises) or
+            ``"vjp"`` (reverse mode on J^T; same spectrum).
         period: compose ``f`` this many times and return the ``period``-th root of the radius of
             the composed map, i.e. the per-step Floquet multiplier of a period-``period`` cycle
             through ``z``. With ``period=1`` the plain one-step radius.
         generator: seeds the random start vector (default: a CPU generator seeded 0).
+        with_error: return ``SpectralRadius(rho, error, converged)`` instead of rho.
+        rtol: relative error under which ``converged`` is True.
 
     Returns:
-        (B,) float tensor: rho per sample (float32, or float64 for float64 ``z``).
+        (B,) rho per sample (float32, or float64 for float64 ``z``), or a ``SpectralRadius``.
 
     Example:
         >>> a = 0.9 * torch.tensor([[0.309, -0.951], [0.951, 0.309]])  # 0.9 x rotation 2pi/5
@@ -169,31 +200,30 @@ def spectral_radius(
         raise ValueError(f"z must be a (B, ...) tensor with B >= 1, got {getattr(z, 'shape', z)}")
     if not z.is_floating_point():
         raise TypeError(f"z must be a floating-point tensor, got dtype {z.dtype}")
-    g = _compose(whole_batch(f), period)
+    g = _compose(whole_batch(f, z.shape[0], inputs), period)
     z = z.detach()
-    v = _random_unit(z, generator)
-    if method == "jvp":
-        try:
-            with torch.no_grad():
-                rho = _power_jvp(g, z, v, iters)
-        except (RuntimeError, NotImplementedError):  # forward AD missing for some op
-            rho = _power_vjp(g, z, v, iters)
-    else:
-        rho = _power_vjp(g, z, v, iters)
-    return rho.detach() ** (1.0 / period)
+    rho, error = _ritz(g, z, _random_unit(z, generator), iters, method)
+    out_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    # the p-th root of the p-step radius; its error by the derivative of x^(1/p)
+    root = rho.clamp_min(0) ** (1.0 / period)
+    error = error * root / (period * rho.clamp_min(1e-300)) if period > 1 else error
+    root, error = root.to(out_dtype), error.to(out_dtype)
+    if not with_error:
+        return root
+    return SpectralRadius(root, error, error <= rtol * root.clamp_min(rtol))
 
 
 def _benettin_jvp(
     g: Callable[[Tensor], Tensor], z: Tensor, v: Tensor, steps: int, warmup: int
 ) -> Tensor:
-    total = torch.zeros(z.shape[0], dtype=_sample_norm(z[:1]).dtype, device=z.device)
+    growth = []
     for step in range(warmup + steps):
         z, jv = torch.func.jvp(g, (z,), (v,))
         norm = _sample_norm(jv)
         if step >= warmup:
-            total = total + norm.log()
+            growth.append(norm.log())
         v = _unit(jv, norm, v)
-    return total / steps
+    return torch.stack(growth)  # (steps, B)
 
 
 def _benettin_vjp(
@@ -209,16 +239,39 @@ def _benettin_vjp(
             z = g(z)
     # Backward: propagate a covector from the last state to the first; its first ``warmup``
     # growths align it with the dominant singular direction and are not counted.
-    total = torch.zeros(z.shape[0], dtype=_sample_norm(z[:1]).dtype, device=z.device)
+    growth = []
     with torch.enable_grad():
         for count, state in enumerate(reversed(states)):
             z_in = state.detach().requires_grad_(True)
             (jtv,) = torch.autograd.grad(g(z_in), z_in, v)
             norm = _sample_norm(jtv)
             if count >= warmup:
-                total = total + norm.log()
+                growth.append(norm.log())
             v = _unit(jtv, norm, v)
-    return total / steps
+    return torch.stack(growth[::-1])  # (steps, B), in time order
+
+
+def tangent_growth(
+    f: Map,
+    z0: Tensor,
+    steps: int,
+    *,
+    warmup: int = 0,
+    method: str = "jvp",
+    inputs: Any = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """(steps, B) log growth of a renormalised tangent vector per step (Benettin's summands)."""
+    g = whole_batch(f, z0.shape[0], inputs)
+    z0 = z0.detach()
+    v = _random_unit(z0, generator)
+    if method == "jvp":
+        try:
+            with torch.no_grad():
+                return _benettin_jvp(g, z0, v, steps, warmup)
+        except (RuntimeError, NotImplementedError):
+            pass
+    return _benettin_vjp(g, z0, v, steps, warmup).detach()
 
 
 def lyapunov_exponent(
@@ -228,6 +281,7 @@ def lyapunov_exponent(
     *,
     warmup: int = 0,
     method: str = "jvp",
+    inputs: Any = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Finite-time largest Lyapunov exponent along the trajectory of ``f`` from ``z0`` (Benettin).
@@ -240,6 +294,7 @@ def lyapunov_exponent(
             the tangent vector with the most expanding direction (the standard transient discard).
         method: ``"jvp"`` (tangent vector forward; falls back to ``"vjp"`` if forward AD raises) or
             ``"vjp"`` (covector propagated backwards over the recorded states; same exponent).
+        inputs: per-sample inputs of f, as for ``solve``.
         generator: seeds the random initial tangent vector.
 
     Returns:
@@ -262,13 +317,6 @@ def lyapunov_exponent(
         raise ValueError(f"z0 must be a (B, ...) tensor with B >= 1, got {got}")
     if not z0.is_floating_point():
         raise TypeError(f"z0 must be a floating-point tensor, got dtype {z0.dtype}")
-    g = whole_batch(f)
-    z0 = z0.detach()
-    v = _random_unit(z0, generator)
-    if method == "jvp":
-        try:
-            with torch.no_grad():
-                return _benettin_jvp(g, z0, v, steps, warmup)
-        except (RuntimeError, NotImplementedError):
-            pass
-    return _benettin_vjp(g, z0, v, steps, warmup).detach()
+    growth = tangent_growth(f, z0, steps, warmup=warmup, method=method, inputs=inputs,
+                            generator=generator)
+    return growth.mean(0)

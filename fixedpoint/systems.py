@@ -21,6 +21,19 @@ Known answers, with the source of each:
   exponent ~0.42.
 - tanh(W x + b) with ||W||_2 = 0.8 < 1: a contraction (tanh is 1-Lipschitz), unique fixed point.
 - translation x + c and a helix (rotation plus translation): no attractor, the centroid drifts.
+- logistic windows r = 3.56 (period 8), 3.63 (period 6), 3.74 (period 5): stable cycles inside
+  the chaotic range (May 1976); checked by iterating 5000 steps in float64.
+- tent map with slope 1.9: chaotic, Lyapunov exponent ln 1.9 (slope 2 collapses to 0 in binary
+  floating point, so it is not used).
+- Henon map b = 0.3 at a = 1.0 (stable 4-cycle) and a = 1.25 (stable 7-cycle, a periodic window).
+- Chirikov standard map ``p' = p + K sin t, t' = t + p'`` on the torus, embedded as
+  (cos t, sin t, cos p, sin p) so that no coordinate wraps: K = 0.5 near the elliptic point
+  (pi, 0) is a KAM island (quasi-periodic); K = 6 is the chaotic sea (exponent ~ ln(K/2)).
+- Lorenz system (sigma 10, rho 28, beta 8/3) by RK4 with dt = 0.01: chaotic, largest exponent
+  ~0.9 per time unit = ~0.009 per step (Sprott, *Chaos and Time-Series Analysis*, 2003).
+- Jordan blocks of eigenvalue 0.95, sizes 8 and 16: stable (rho 0.95) despite transient growth of
+  ~1e7 in norm; still growing or barely turning at K = 256, hence ``converging``.
+- slow contraction z -> c + 0.999 (z - c): 0.999^256 = 0.77, hence ``converging``.
 """
 
 from __future__ import annotations
@@ -281,6 +294,86 @@ def _helix() -> System:
     )
 
 
+def _tent(x: Tensor) -> Tensor:
+    return 1.9 * torch.minimum(x, 1 - x)
+
+
+def _standard(kick: float) -> Callable[[Tensor], Tensor]:
+    def f(x: Tensor) -> Tensor:
+        theta, momentum = torch.atan2(x[:, 1], x[:, 0]), torch.atan2(x[:, 3], x[:, 2])
+        momentum = momentum + kick * torch.sin(theta)
+        theta = theta + momentum
+        return torch.stack([theta.cos(), theta.sin(), momentum.cos(), momentum.sin()], 1)
+
+    return f
+
+
+def _standard_sample(centre: tuple[float, float], spread: float) -> Sampler:
+    def sample(batch: int, generator: torch.Generator) -> Tensor:
+        u = torch.rand(batch, 2, generator=generator, dtype=torch.float64) * 2 - 1
+        theta, momentum = centre[0] + spread * u[:, 0], centre[1] + spread * u[:, 1]
+        return torch.stack([theta.cos(), theta.sin(), momentum.cos(), momentum.sin()], 1)
+
+    return sample
+
+
+def _lorenz(x: Tensor, dt: float = 0.01) -> Tensor:
+    def field(s: Tensor) -> Tensor:
+        a, b, c = s[:, 0], s[:, 1], s[:, 2]
+        return torch.stack([10 * (b - a), a * (28 - c) - b, a * b - 8 / 3 * c], 1)
+
+    k1 = field(x)
+    k2 = field(x + 0.5 * dt * k1)
+    k3 = field(x + 0.5 * dt * k2)
+    k4 = field(x + dt * k3)
+    return x + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
+def _lorenz_sample(batch: int, generator: torch.Generator) -> Tensor:
+    x = torch.tensor([1.0, 1.0, 20.0], dtype=torch.float64) + torch.randn(
+        batch, 3, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(1000):  # onto the attractor
+            x = _lorenz(x)
+    return x
+
+
+def _jordan_system(size: int) -> System:
+    return System(
+        name=f"jordan{size}_0.95",
+        f=_affine(jordan_matrix(size, 0.95).float(), torch.zeros(size)),
+        sample=_uniform(-1.0, 1.0, size),
+        label="converging",
+        period=0,
+        dim=size,
+        note=f"{size}x{size} Jordan block, eigenvalue 0.95: transient growth, then decay",
+    )
+
+
+def _register_new() -> None:
+    for r, period in ((3.56, 8), (3.63, 6), (3.74, 5)):
+        SYSTEMS.register(f"logistic_{r:g}", _logistic(r, "periodic", period))
+    SYSTEMS.register("tent_1.9", System("tent_1.9", _tent, _uniform(0.05, 0.95, 1, torch.float64),
+                                        "chaotic", 0, 1, torch.float64, "tent map slope 1.9"))
+    for a, period in ((1.0, 4), (1.25, 7)):
+        SYSTEMS.register(f"henon_{a:g}", System(
+            f"henon_{a:g}", lambda x, a=a: _henon(x, a=a), _uniform(-0.1, 0.1, 2, torch.float64),
+            "periodic", period, 2, torch.float64, f"Henon map a = {a:g}, b = 0.3"))
+    SYSTEMS.register("standard_island", System(
+        "standard_island", _standard(0.5), _standard_sample((math.pi, 0.0), 0.3),
+        "quasi_periodic", 0, 4, torch.float64, "standard map K = 0.5 near (pi, 0)"))
+    SYSTEMS.register("standard_sea", System(
+        "standard_sea", _standard(6.0), _standard_sample((1.0, 1.0), 1.0),
+        "chaotic", 0, 4, torch.float64, "standard map K = 6"))
+    SYSTEMS.register("lorenz", System("lorenz", _lorenz, _lorenz_sample, "chaotic", 0, 3,
+                                      torch.float64, "Lorenz RK4 dt 0.01"))
+    for size in (8, 16):
+        SYSTEMS.register(f"jordan{size}_0.95", _jordan_system(size))
+    SYSTEMS.register("slow_contraction", System(
+        "slow_contraction", _affine(0.999 * torch.eye(3), torch.tensor([0.2, -0.1, 0.4])),
+        _uniform(-1.0, 1.0, 3), "converging", 0, 3, note="z -> c + 0.999 (z - c)"))
+
+
 def _register_all() -> None:
     for eigenvalue in (0.5, 0.9, -0.9, 0.995, -0.995, -1.0, 1.05, -1.05):
         SYSTEMS.register(f"linear{eigenvalue:+g}", _linear(eigenvalue))
@@ -328,6 +421,21 @@ def _register_all() -> None:
         ),
     )
     SYSTEMS.register("helix", _helix())
+    _register_new()
+
+
+def random_orthogonal(dim: int, seed: int = 0) -> Tensor:
+    """A Haar-random (dim, dim) float64 orthogonal matrix (QR of a Gaussian, signs fixed)."""
+    gauss = torch.randn(dim, dim, generator=torch.Generator().manual_seed(seed),
+                        dtype=torch.float64)
+    q, r = torch.linalg.qr(gauss)
+    return q * torch.sign(torch.diagonal(r))
+
+
+def jordan_matrix(size: int, eigenvalue: float) -> Tensor:
+    """The (size, size) float64 Jordan block: ``eigenvalue`` on the diagonal, ones above it."""
+    return eigenvalue * torch.eye(size, dtype=torch.float64) + torch.diag(
+        torch.ones(size - 1, dtype=torch.float64), 1)
 
 
 _register_all()

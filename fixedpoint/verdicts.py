@@ -42,12 +42,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fixedpoint.spectral import lyapunov_exponent, spectral_radius
+from fixedpoint import evidence
+from fixedpoint.evidence import distances as _distances
+from fixedpoint.evidence import q90 as _q90
+from fixedpoint.spectral import _operator, spectral_radius, tangent_growth, whole_batch
 
 LABELS = (
     "converged",
@@ -58,6 +62,7 @@ LABELS = (
     "aperiodic",
     "drifting",
     "diverging",
+    "undetermined",
 )
 _INDEX = {name: i for i, name in enumerate(LABELS)}
 _UNDECIDED = -1
@@ -131,14 +136,15 @@ def classify(
     states: Tensor,
     *,
     f: Callable[..., Tensor] | None = None,
+    inputs: Any = None,
     tol: float | None = None,
     period_tol: float | None = None,
     p_max: int = 16,
     per_token: bool = False,
     envelope_factor: float = 1.1,
     lyapunov_steps: int = 128,
-    lyapunov_eps: float = 0.02,
-    spectral_iters: int = 30,
+    lyapunov_max_steps: int = 4096,
+    spectral_iters: int = 64,
     method: str = "vjp",
 ) -> Verdicts:
     """Label every trajectory of ``states`` (K, B, ...) by its long-run behaviour.
@@ -146,10 +152,11 @@ def classify(
     Args:
         states: (K, B, ...) recorded states, K >= 8 (K ~ 256 separates slow convergence from
             cycles; with K <= 4 periodicity cannot be established).
-        f: the map that produced the trajectory ((B, ...) -> (B, ...)); when given, ``aperiodic``
-            splits into ``chaotic`` / ``quasi_periodic`` and the spectral radius and Lyapunov
-            exponent are filled in (costs ``spectral_iters`` Jacobian products per distinct
-            period plus ``lyapunov_steps + 8`` map evaluations with a Jacobian product).
+        f: the map that produced the trajectory ((B, ...) -> (B, ...), any form ``solve``
+            accepts); when given, ``aperiodic`` splits into ``chaotic`` / ``quasi_periodic`` (or
+            ``undetermined``), an affine map's verdict follows its spectral radius, and the radius
+            and Lyapunov exponent are filled in.
+        inputs: per-sample inputs of ``f``, as for ``solve``.
         tol: convergence tolerance relative to the trajectory's scale; default from the dtype.
         period_tol: p-step return tolerance; default ``max(dtype default, 3 tol)``.
         p_max: largest period looked for.
@@ -159,12 +166,12 @@ def classify(
             radius uses the lcm of its tokens' periods (one step if that exceeds ``p_max``).
         envelope_factor: total rise (fall) of the residual envelope that counts as growing
             (shrinking).
-        lyapunov_steps: steps of the finite-time Lyapunov exponent.
-        lyapunov_eps: |exponent| below this is neutral (quasi-periodic).
-        spectral_iters: power iterations of the spectral radius.
+        lyapunov_steps: fewest tangent steps; aperiodic samples get up to ``lyapunov_max_steps``,
+            at least 128 / omega with omega the orbit's turn per step (``fixedpoint.evidence``).
+        lyapunov_max_steps: most tangent steps.
+        spectral_iters: Krylov dimension of the spectral radius.
         method: how Jacobian products are taken for the map quantities, ``"vjp"`` (default:
-            reverse mode works through every op and was ~4x faster than forward mode on small
-            maps) or ``"jvp"``.
+            reverse mode works through every op) or ``"jvp"``.
 
     Returns:
         Verdicts.
@@ -180,24 +187,57 @@ def classify(
         raise ValueError(f"p_max must be an int >= 2, got {p_max!r}")
     if envelope_factor <= 1:
         raise ValueError(f"envelope_factor must be > 1, got {envelope_factor!r}")
+    if not isinstance(lyapunov_max_steps, int) or lyapunov_max_steps < lyapunov_steps:
+        raise ValueError(f"lyapunov_max_steps must be an int >= lyapunov_steps "
+                         f"({lyapunov_steps}), got {lyapunov_max_steps!r}")
     eps = torch.finfo(states.dtype).eps
-    label, period, rate, residual = _label_trajectories(
+    label, period, rate, residual, noisy = _label_trajectories(
         x, tol, period_tol, p_max, eps, envelope_factor
     )
     n = x.shape[1]
     rho = torch.full((n,), math.nan, device=x.device)
     lyap = torch.full((n,), math.nan, device=x.device)
     if f is not None:
-        rho, lyap = _map_quantities(
-            f, states, period, shape, p_max, spectral_iters, lyapunov_steps, method
-        )
-        aperiodic = label == _INDEX["aperiodic"]
-        chaotic = aperiodic & (lyap > lyapunov_eps)
-        neutral = aperiodic & (lyap.abs() <= lyapunov_eps)
-        label = torch.where(chaotic, _INDEX["chaotic"], label)
-        label = torch.where(neutral, _INDEX["quasi_periodic"], label)
+        steps = _tangent_steps(x, label, noisy, lyapunov_steps, lyapunov_max_steps)
+        evidence_ = _map_quantities(f, inputs, states, period, shape, p_max, spectral_iters,
+                                    steps, method)
+        label, rho, lyap = _weigh_map(label, noisy, evidence_)
     names = np.asarray(LABELS)[label.cpu().numpy()]
     return Verdicts(names, period, rate, residual, rho, lyap, shape)
+
+
+def _tangent_steps(x: Tensor, label: Tensor, noisy: Tensor, low: int, high: int) -> int:
+    """Tangent steps for the Lyapunov evidence: enough orbit turns for the undecided samples."""
+    need = (label == _INDEX["aperiodic"]) | noisy
+    if not bool(need.any()):
+        return low
+    omega = evidence.angular_speed(x[:, need]).clamp_min(1e-6)
+    return int(min(high, max(low, math.ceil(float((96 / omega).max())))))
+
+
+def _weigh_map(label: Tensor, noisy: Tensor, ev: dict[str, Tensor]) -> tuple[Tensor, ...]:
+    """Combine the trajectory's labels with the map's evidence (see the module docstring)."""
+    rho, error, lyap, code = ev["rho"], ev["rho_error"], ev["lyapunov"], ev["growth"]
+    # An affine map's fate is its spectral radius, whatever its transient growth looked like
+    # (a Jordan block's norm grows ~1e7x before it decays).
+    moving = (label == _INDEX["diverging"]) | (label == _INDEX["drifting"])
+    affine = ev["affine"] & moving
+    label = torch.where(affine & (rho + error < 1), _INDEX["converging"], label)
+    label = torch.where(affine & (rho - error > 1), _INDEX["diverging"], label)
+    lyap = torch.where(ev["affine"], rho.clamp_min(1e-300).log(), lyap)
+    aperiodic = label == _INDEX["aperiodic"]
+    label = torch.where(aperiodic & (code == 1), _INDEX["chaotic"], label)
+    label = torch.where(aperiodic & (code == 0), _INDEX["quasi_periodic"], label)
+    label = torch.where(aperiodic & (code == 2), _INDEX["undetermined"], label)
+    label = torch.where(noisy & (code == 1), _INDEX["chaotic"], label)  # band chaos, not a cycle
+    # a slow chaotic flow seen for a few turns can look like a drift; exponential separation
+    # is the stronger evidence
+    label = torch.where((label == _INDEX["drifting"]) & (code == 1), _INDEX["chaotic"], label)
+    # Growth of the states under a Jacobian that contracts reliably, on a non-affine map: the
+    # data support neither verdict.
+    growing = (label == _INDEX["diverging"]) & ~ev["affine"] & (rho + error < 1)
+    label = torch.where(growing, _INDEX["undetermined"], label)
+    return label, rho, lyap
 
 
 def _flatten(states: Tensor, per_token: bool) -> tuple[Tensor, tuple[int, ...]]:
@@ -234,8 +274,9 @@ def _tolerances(dtype: torch.dtype, tol: float | None, period_tol: float | None)
 
 def _label_trajectories(
     x: Tensor, tol: float, period_tol: float, p_max: int, eps: float, envelope_factor: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Rules 1-7 on (K, n, M) states: label index (n,), period, rate, relative last residual.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Rules 1-7 on (K, n, M) states: label index (n,), period, rate, relative last residual,
+    and which periods were found only up to the measured noise floor.
 
     Two full passes over the states (steps, distances from the final state); everything after
     works on (K, n) reductions or on the still undecided samples only.
@@ -255,6 +296,7 @@ def _label_trajectories(
     floor = 2 * eps * final_norm + torch.finfo(x.dtype).tiny
 
     settled = from_last[-max(2, k // 8) :].amax(0) <= tol * scale + floor
+    settled |= evidence.settled_in_noise(x, scale, floor)  # converged up to measured noise
     _decide(label, settled, "converged")
     growing, shrinking = _envelope_trend(step, envelope_factor)
     _decide(label, growing, "diverging")
@@ -262,33 +304,25 @@ def _label_trajectories(
     motion = step[-(window - 1) :].mean(0)  # mean step over the window: the orbit's own size
     atol = motion * period_tol + floor
     _find_periods(x[k - window :], from_last[k - window :], label, period, ~shrinking, atol, p_max)
+    rows = ((label == _UNDECIDED) & ~shrinking).nonzero().squeeze(1)
+    noisy_period = evidence.noisy_periods(x[k - window :], rows, motion, floor,
+                                          min(p_max, window // 3))
+    noisy = torch.zeros_like(bad)
+    noisy[rows[noisy_period > 0]] = True
+    period[rows[noisy_period > 0]] = noisy_period[noisy_period > 0]
+    label[rows[noisy_period > 0]] = _INDEX["periodic"]
     _decide(label, shrinking, "converging")
     rows = (label == _UNDECIDED).nonzero().squeeze(1)
-    label[rows[_drifting(x, rows)]] = _INDEX["drifting"]
+    rows = rows[_drifting(x, rows)]
+    slowing = evidence.decelerating(x, rows)  # a slow contraction, not a drift
+    label[rows[slowing]] = _INDEX["converging"]
+    label[rows[~slowing]] = _INDEX["drifting"]
     _decide(label, torch.ones_like(bad), "aperiodic")
 
     rate = _contraction_rate(step, floor)
     residual = step[-1] / scale.clamp_min(torch.finfo(x.dtype).tiny)
     residual = torch.where(bad, torch.full_like(residual, math.inf), residual)
-    return label, period, rate, residual
-
-
-def _distances(x: Tensor, other: Tensor) -> Tensor:
-    """Per-sample ||x_k - other_k|| of (K, n, M) states, ``other`` (K, n, M) or (n, M): (K, n).
-
-    Chunked over K into one reused buffer of ~4 MB: a whole-trajectory temporary of the same size
-    as the states costs 6x more on CPU, mostly in fresh-page faults.
-    """
-    k, n, m = x.shape
-    chunk = max(1, (1 << 20) // max(1, n * m))
-    buffer = torch.empty((min(chunk, k), n, m), dtype=x.dtype, device=x.device)
-    out = torch.empty((k, n), dtype=x.dtype, device=x.device)
-    for start in range(0, k, chunk):
-        stop = min(k, start + chunk)
-        rhs = other if other.dim() == 2 else other[start:stop]
-        diff = torch.sub(x[start:stop], rhs, out=buffer[: stop - start])
-        out[start:stop] = torch.linalg.vector_norm(diff, dim=-1)
-    return out
+    return label, period, rate, residual, noisy
 
 
 def _decide(label: Tensor, condition: Tensor, name: str) -> None:
@@ -363,15 +397,6 @@ def _find_periods(
         possible[:, found] = False
 
 
-def _q90(values: Tensor) -> Tensor:
-    """90th percentile along dim 0 by nearest rank (the ceil(0.9 m)-th smallest): (m, r) -> (r,).
-
-    One definition for the filters and the exact check, so a lower bound's percentile is a lower
-    bound of the percentile.
-    """
-    return values.kthvalue(math.ceil(0.9 * values.shape[0]), dim=0).values
-
-
 def _gram_possible(recent: Tensor, atol: Tensor, p_top: int) -> Tensor:
     """Which periods 2..p_top a sample may have: (p_top - 1, r) bool, never wrongly False.
 
@@ -427,8 +452,32 @@ def _contraction_rate(step: Tensor, floor: Tensor) -> Tensor:
     return torch.where(keep.sum(0) >= 2, slope.exp(), torch.full_like(slope, math.nan))
 
 
+def _affine_along(g: Callable[[Tensor], Tensor], states: Tensor, method: str) -> Tensor:
+    """(B,) bool: the same Jacobian at 8 states spread over the trajectory (an affine map).
+
+    Eight, not two: a piecewise-linear map (the tent map) has one Jacobian per branch, and all
+    eight states fall on one branch with probability 2^-7 only.
+    """
+    k = states.shape[0]
+    picks = sorted({k - 1 - (i * (k - 1)) // 8 for i in range(8)})
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    final = states[-1].detach()
+    v = torch.randn(final.reshape(final.shape[0], -1).shape, generator=gen, dtype=torch.float64)
+    v = v.to(final.device)
+    eps = torch.finfo(states.dtype).eps
+    ref = _operator(g, final, method)(v)
+    same = torch.ones(final.shape[0], dtype=torch.bool, device=final.device)
+    for index in picks[:-1]:
+        other = _operator(g, states[index].detach(), method)(v)
+        size = torch.maximum(torch.linalg.vector_norm(ref, dim=1),
+                             torch.linalg.vector_norm(other, dim=1))
+        same &= torch.linalg.vector_norm(ref - other, dim=1) <= 1e3 * eps * size + 1e-300
+    return same
+
+
 def _map_quantities(
     f: Callable[..., Tensor],
+    inputs: Any,
     states: Tensor,
     period: Tensor,
     shape: tuple[int, ...],
@@ -436,8 +485,9 @@ def _map_quantities(
     spectral_iters: int,
     lyapunov_steps: int,
     method: str,
-) -> tuple[Tensor, Tensor]:
-    """Spectral radius (p-step for period-p samples) and Lyapunov exponent at the final state."""
+) -> dict[str, Tensor]:
+    """Spectral radius with error (p-step for period-p samples), Jacobian constancy and tangent
+    growth from the final state, per sample (repeated over tokens)."""
     final = states[-1].detach()  # (B, ...)
     batch = final.shape[0]
     per_sample_period = period
@@ -446,11 +496,19 @@ def _map_quantities(
         lcm[lcm > p_max] = 1
         per_sample_period = torch.as_tensor(lcm, device=period.device)
     rho = torch.full((batch,), math.nan, device=final.device)
+    error = torch.full_like(rho, math.inf)
     for p in per_sample_period.clamp_min(1).unique().tolist():
         # The whole batch per distinct period keeps f's batch contract (rows need not be subset).
-        radius = spectral_radius(f, final, spectral_iters, period=int(p), method=method)
-        rho = torch.where(per_sample_period.clamp_min(1) == p, radius.to(rho), rho)
-    lyap = lyapunov_exponent(f, final, lyapunov_steps, warmup=8, method=method).to(rho)
+        est = spectral_radius(f, final, spectral_iters, inputs=inputs, period=int(p),
+                              method=method, with_error=True)
+        chosen = per_sample_period.clamp_min(1) == p
+        rho = torch.where(chosen, est.rho.to(rho), rho)
+        error = torch.where(chosen, est.error.to(rho), error)
+    g = whole_batch(f, batch, inputs)
+    affine = _affine_along(g, states, method)
+    growth = tangent_growth(f, final, lyapunov_steps, warmup=8, method=method, inputs=inputs)
+    code, lyap = evidence.growth_verdict(growth.to(rho))
+    out = {"rho": rho, "rho_error": error, "lyapunov": lyap, "growth": code, "affine": affine}
     if len(shape) == 2:
-        rho, lyap = rho.repeat_interleave(shape[1]), lyap.repeat_interleave(shape[1])
-    return rho, lyap
+        out = {key: value.repeat_interleave(shape[1]) for key, value in out.items()}
+    return out

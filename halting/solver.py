@@ -4,7 +4,7 @@ After loop 0 (run by ``run_loop`` on the whole batch: it writes PLT's loop-1 cac
 injected models, turns the random / zero initial state into a first iterate), the map
 ``f(z) = model.step(z, ctx, k=1)`` — the block at a fixed loop index, i.e. every later loop — is
 handed to ``fixedpoint.solve`` (Bai, Kolter & Koltun 2019, "Deep Equilibrium Models"). The solver
-stops each sample independently and calls ``f(z, rows=idx)`` on the rows still running; the
+stops each sample independently and calls ``f(z, ctx.select(idx))`` on the rows still running; the
 context is re-selected only when that row set changes.
 
 The exit state is the solver's last evaluated iterate (``Solution.z``); with ``record=True``
@@ -74,22 +74,14 @@ class SolverController(LoopController):
         runs loop 0, then calls this); returns ``fixedpoint.Solution``."""
         from fixedpoint.solve import solve
 
-        # ``solve`` keeps passing the same ``rows`` tensor until its active set changes, so the
-        # context is re-selected only then (an identity check: no host sync per step).
-        selected: dict[str, Any] = {"rows": None, "ctx": ctx}
-
-        def block(z: Tensor, rows: Tensor | None = None) -> Tensor:
-            if rows is None:
-                return model.step(z, ctx, 1)
-            if rows is not selected["rows"]:
-                selected["rows"], selected["ctx"] = rows, ctx.select(rows)
-            return model.step(z, selected["ctx"], 1)
+        def block(z: Tensor, sub: Any) -> Tensor:  # sub: ctx sliced to the active rows
+            return model.step(z, sub, 1)
 
         max_iter = self.max_iter if self.max_iter is not None else max_loops - 1
         max_iter = min(max_iter, max_loops - 1)
-        return solve(block, z1, solver=self.solver, tol=self.tol, max_iter=max_iter,
-                     stop_mode=self.stop_mode, backward=self.backward, record=record,
-                     **self.solver_kwargs)
+        return solve(block, z1, inputs=(ctx,), solver=self.solver, tol=self.tol,
+                     max_iter=max_iter, stop_mode=self.stop_mode, backward=self.backward,
+                     record=record, **self.solver_kwargs)
 
     def hparams(self) -> dict[str, Any]:
         return {"solver": self.solver, "tol": self.tol, "max_iter": self.max_iter,

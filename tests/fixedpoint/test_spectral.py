@@ -118,7 +118,8 @@ def test_no_gradient_leaks_into_caller_graph():
     assert z.grad is None and all(p.grad is None for p in layer.parameters())
 
 
-def test_rows_parameter_is_called_with_none():
+def test_rows_parameter_is_called_with_every_row():
+    # issue 10: rows=None crashed maps written in the documented f(z, rows) form (x[rows])
     seen = []
 
     def f(z, rows=0):
@@ -126,7 +127,7 @@ def test_rows_parameter_is_called_with_none():
         return 0.5 * z
 
     spectral_radius(f, torch.ones(2, 3), 4)
-    assert seen and all(rows is None for rows in seen)
+    assert seen and all(torch.equal(rows, torch.arange(2)) for rows in seen)
 
 
 def test_period_gives_floquet_multiplier_of_logistic_two_cycle():
