@@ -23,8 +23,10 @@ from typing import Any
 import pandas as pd
 
 from experiments.results import atomic_write_text, load_run
+from experiments.results.halting_stats import halting_section
 
 VAL = "val"
+DEFAULT_EVAL_COUNT = 256  # n assumed by the standard error when samples.parquet is absent
 
 
 def write_report(run_dir: str | os.PathLike) -> Path:
@@ -49,6 +51,10 @@ def build_report(results: pd.DataFrame, samples: pd.DataFrame | None, info: dict
     quality = "bits_per_byte" if (results["metric"] == "bits_per_byte").any() else "accuracy"
     split = VAL if (results["split"] == VAL).any() else str(results["split"].iloc[0])
     parts = [_header(info, quality)]
+    if samples is None:  # named, so a reader knows why the numbers below assume n
+        parts.append(f"> **samples.parquet is missing** from this run directory: the sweet "
+                     f"spot's standard error assumes n = {DEFAULT_EVAL_COUNT} evaluation "
+                     "samples and the per-sample depth section is left out.")
     sweep = _loop_table(results, quality, split)
     parts.append(_sweep_section(sweep, quality, split))
     parts.append(_sweet_spot_section(sweep, results, samples, quality, split,
@@ -57,6 +63,7 @@ def build_report(results: pd.DataFrame, samples: pd.DataFrame | None, info: dict
     parts.append(_controller_section(results, quality, split))
     if samples is not None and not samples.empty:
         parts.append(_depth_section(samples, split))
+        parts.append(halting_section(samples, split, results))
     parts.append(_training_section(info))
     parts.append(_figures_section(run_dir))
     return "\n\n".join(p for p in parts if p) + "\n"
@@ -132,14 +139,11 @@ def _sweep_section(sweep: pd.DataFrame, quality: str, split: str) -> str:
         return "## Quality vs loops\n\nNo model was trained with a fixed loop count in this run."
     columns = {"arch": "arch", "train_loops": "loops", quality: f"{quality} ({split})",
                "hard": f"{quality} (hard)", "loss": "loss", "flops_per_token": "FLOPs/token",
-               "decode_ms_per_token": "decode ms/token",
                "gain": "gain vs one loop fewer", "gain_per_gflop": "gain per added GFLOP/token"}
     return (f"## Quality vs loops\n\nEach model evaluated at its training depth on the `{split}` "
             f"split (`hard`: longer inputs). Gain is the change in {quality} from the model "
             "trained with one loop fewer (positive = better); its cost is the added FLOPs per "
-            "token; decode ms/token is `halting.generate`'s latency at that depth (batch 1, "
-            "one machine).\n\n"
-            + _markdown(sweep, {c: name for c, name in columns.items() if c in sweep.columns}))
+            "token.\n\n" + _markdown(sweep, columns))
 
 
 def _sweet_spot(sweep: pd.DataFrame, quality: str, n_eval: int) -> tuple[int, str]:
@@ -187,9 +191,11 @@ def _sweet_spot_section(sweep: pd.DataFrame, results: pd.DataFrame,
 
 def _eval_count(samples: pd.DataFrame | None, split: str) -> int:
     if samples is None or samples.empty:
-        return 256
+        return DEFAULT_EVAL_COUNT
     part = samples[(samples["split"] == split)]
-    return int(part.groupby(["run", "controller", "budget"]).size().max()) if len(part) else 256
+    if not len(part):
+        return DEFAULT_EVAL_COUNT
+    return int(part.groupby(["run", "controller", "budget"]).size().max())
 
 
 def _dynamics_evidence(results: pd.DataFrame, arch: str, loops: int, split: str,
