@@ -27,6 +27,11 @@ from tqdm.auto import tqdm
 
 from experiments.config.validate import ConfigError, ValidConfig, validate_config
 from experiments.errors import LoopscopeError
+from experiments.results.rundir import check_fingerprint, prepare_out_dir, result_config, run_lock
+
+# seconds per stage of the current run (main process; "pool": worker seconds training and
+# evaluating when train.workers > 1), recorded in run.json as "timing"
+TIMING: dict[str, Any] = {}
 
 
 def job_seed(base: int, job_num: int | None) -> int:
@@ -49,29 +54,50 @@ def run(cfg: DictConfig | Mapping[str, Any], out_dir: str | Path | None = None) 
     from experiments.train import init_distributed, read_status, resolve_device, write_status
 
     started = time.perf_counter()
+    TIMING.clear()
     valid = validate_config(cfg)
     conf = valid.cfg
     out = _output_dir(conf, out_dir)
-    previous = read_status(out)
-    if previous and previous.get("status") == "finished":
-        print(f"loopscope: {out} already finished; skipped (delete its status.json to rerun)")
-        return {"out_dir": str(out), "status": "finished", "skipped": True}
     if conf["threads"]:
         torch.set_num_threads(conf["threads"])
     dist_info = init_distributed(conf["train"]["device"])
-    device = resolve_device(conf["train"]["device"], dist_info)
     seed = job_seed(conf["seed"], hydra_job_num())
-    if dist_info.is_main:
-        print(f"loopscope: study {conf['study']['name']!r} -> {out}", flush=True)
-        out.mkdir(parents=True, exist_ok=True)
-        write_status(out, "running", seed=seed)
-    trained = _train_all(conf, valid, out, seed, dist_info)
-    if not dist_info.is_main:
+    if not dist_info.is_main:  # rank 0 owns the directory (lock, fingerprint, status)
+        _train_all(conf, valid, out, seed, dist_info)
         _finish_distributed(dist_info)
         return {"out_dir": str(out), "status": "finished", "rank": dist_info.rank}
-    summary = _evaluate_and_write(conf, valid, trained, out, seed, device, started)
+    prepare_out_dir(out)
+    with run_lock(out):
+        check_fingerprint(out, result_config(conf, seed))
+        previous = read_status(out)
+        if previous and previous.get("status") == "finished":
+            print(f"loopscope: {out} already finished; skipped (delete its status.json to rerun)")
+            return {"out_dir": str(out), "status": "finished", "skipped": True}
+        device = resolve_device(conf["train"]["device"], dist_info)
+        print(f"loopscope: study {conf['study']['name']!r} -> {out}", flush=True)
+        write_status(out, "running", seed=seed)
+        try:
+            trained, evaluated = _train_all(conf, valid, out, seed, dist_info)
+            summary = _evaluate_and_write(conf, valid, trained, out, seed, device, started,
+                                          evaluated)
+        except BaseException as err:
+            _record_failure(out, err)
+            raise
     _finish_distributed(dist_info)
     return summary
+
+
+def _record_failure(out: Path, err: BaseException) -> None:
+    """Leave status.json at "failed" with the reason (a more detailed record written by the
+    training loop, with step and checkpoint, is kept)."""
+    from experiments.errors import one_line
+    from experiments.train import read_status, write_status
+
+    current = read_status(out) or {}
+    if current.get("status") == "failed":
+        return
+    reason = "interrupted" if isinstance(err, KeyboardInterrupt) else one_line(err)
+    write_status(out, "failed", error=type(err).__name__, message=reason)
 
 
 def _output_dir(conf: dict[str, Any], out_dir: str | Path | None) -> Path:
@@ -119,16 +145,23 @@ def plan_models(conf: dict[str, Any], valid: ValidConfig) -> list[Any]:
 
 
 def _train_all(conf: dict[str, Any], valid: ValidConfig, out: Path, seed: int,
-               dist_info: Any) -> list[Any]:
+               dist_info: Any) -> tuple[list[Any], dict[str, Any] | None]:
+    """Train (or reload) every planned model; returns them in plan order, with each one's
+    evaluation tables when the worker pool already evaluated them (else None)."""
+    from experiments.pipeline import run_pool
     from experiments.train import TrainingFailed, train_model, write_status
 
     plans = plan_models(conf, valid)
     workers = min(conf["train"]["workers"], len(plans))
+    evaluated = None
     if workers > 1 and not dist_info.enabled and conf["train"]["device"] in ("auto", "cpu") \
             and not torch.cuda.is_available():
-        _train_in_parallel(conf, plans, out, seed, workers)  # the loop below then loads them
+        # the loop below then loads the trained models; the tables come from the pool
+        evaluated, TIMING["pool"] = run_pool(conf, plans, out, seed, workers,
+                                             evaluate=dist_info.is_main)
     trained = []
-    show = conf["train"]["progress"] and dist_info.is_main
+    started = time.perf_counter()
+    show = conf["train"]["progress"] and dist_info.is_main and evaluated is None
     for plan in tqdm(plans, desc="models", disable=not show, dynamic_ncols=True):
         try:
             trained.append(train_model(plan, valid.task, conf["train"],
@@ -142,58 +175,8 @@ def _train_all(conf: dict[str, Any], valid: ValidConfig, out: Path, seed: int,
             if dist_info.is_main:
                 write_status(out, "failed", model=plan.run_id, message=str(err))
             raise
-    return trained
-
-
-def _train_in_parallel(conf: dict[str, Any], plans: list[Any], out: Path, seed: int,
-                       workers: int) -> None:
-    """Train independent models in ``workers`` processes (one CPU thread each).
-
-    Each worker seeds exactly as the sequential path does (``train_model`` seeds its own
-    streams), so results do not depend on ``workers``. A worker's ``TrainingFailed`` is re-raised.
-    """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    context = multiprocessing.get_context("spawn")
-    quiet = dict(conf["train"], progress=False)
-    show = conf["train"]["progress"]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = [pool.submit(_train_worker, plan, quiet, str(out / "models" / plan.run_id),
-                               seed, max(1, conf["threads"])) for plan in plans]
-        for future in tqdm(as_completed(futures), total=len(futures), disable=not show,
-                           desc=f"train ({workers} processes)", dynamic_ncols=True):
-            future.result()
-
-
-def _train_worker(plan: Any, train_cfg: dict[str, Any], model_dir: str, seed: int,
-                  threads: int) -> str:
-    from experiments.tasks import build_task
-    from experiments.train import train_model
-
-    _exit_with_parent()
-    torch.set_num_threads(threads)
-    task_cfg = dict(plan.task_cfg)
-    task = build_task(task_cfg.pop("name"), **task_cfg)
-    train_model(plan, task, train_cfg, Path(model_dir), seed)
-    return plan.run_id
-
-
-def _exit_with_parent() -> None:
-    """Stop this worker when the main process dies (a killed run must not leave trainers behind
-    writing checkpoints that a re-run is resuming from)."""
-    import os
-    import threading
-
-    parent = os.getppid()
-
-    def watch() -> None:
-        while True:
-            time.sleep(0.5)
-            if os.getppid() != parent:
-                os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
+    TIMING["train_s"] = time.perf_counter() - started
+    return trained, evaluated
 
 
 def _finish_distributed(dist_info: Any) -> None:
@@ -203,7 +186,8 @@ def _finish_distributed(dist_info: Any) -> None:
 
 
 def _evaluate_and_write(conf: dict[str, Any], valid: ValidConfig, trained: list[Any], out: Path,
-                        seed: int, device: torch.device, started: float) -> dict[str, Any]:
+                        seed: int, device: torch.device, started: float,
+                        evaluated: dict[str, Any] | None = None) -> dict[str, Any]:
     from experiments.evaluate import Tables, evaluate_model
     from experiments.figures import draw_all
     from experiments.results import atomic_write_text, write_parquet
@@ -211,17 +195,25 @@ def _evaluate_and_write(conf: dict[str, Any], valid: ValidConfig, trained: list[
     from experiments.train import write_status
 
     tables = Tables()
-    show = conf["train"]["progress"]
+    evaluating = time.perf_counter()
+    show = conf["train"]["progress"] and evaluated is None
     for result in tqdm(trained, desc="evaluate", disable=not show, dynamic_ncols=True):
+        if evaluated is not None:  # evaluated by the worker pool, in this same order
+            tables.extend(evaluated[result.plan.run_id])
+            continue
         tables.extend(evaluate_model(result, valid.task, conf["eval"], seed, device,
                                      conf["eval"]["granularity"]))
+    TIMING["evaluate_s"] = time.perf_counter() - evaluating
     frames = tables.frames()
     for name, frame in frames.items():
         write_parquet(frame, out / f"{name}.parquet")
     info = _run_info(conf, trained, seed, device, started)
     atomic_write_text(out / "run.json", json.dumps(info, indent=1, default=str))
     skipped: dict[str, str] = {}
+    drawing = time.perf_counter()
     figures = draw_all(out, skipped=skipped) if conf["eval"]["figures"] else []
+    TIMING["figures_s"] = time.perf_counter() - drawing
+    info["timing"] = dict(TIMING)
     info["wall_seconds"] = time.perf_counter() - started
     info["figures_skipped"] = skipped
     atomic_write_text(out / "run.json", json.dumps(info, indent=1, default=str))

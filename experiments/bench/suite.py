@@ -27,7 +27,10 @@ Suite (targets from issue #6):
 7. ``scaling``     forward cost vs loops, sequence length and batch: ratios and log-log exponent.
 8. ``verdicts``    classifying an evaluation's trajectories / producing them <= 0.1.
 9. ``study``       wall time of ``loopscope`` with no arguments / 300 s <= 1 (not in --quick).
-10. ``decode``     cached decoding: PLT parallel R=2 / R=1 per token <= 1.3, parallel /
+10. ``study_ab``   the default study of this tree / of a baseline tree (``LOOPSCOPE_BASELINE``),
+                   alternating, with its results tables compared: <= 0.5 (issue 14; not in
+                   --quick, and not in the default suite: it needs the baseline checkout).
+11. ``decode``     cached decoding: PLT parallel R=2 / R=1 per token <= 1.3, parallel /
                    sequential at R=2 and 4, adaptive exit / fixed at the same mean depth <= 1.2.
 """
 
@@ -54,10 +57,12 @@ MODULES = {
     "solvers": "experiments.bench.solvers", "per_sample": "experiments.bench.solvers",
     "memory": "experiments.bench.solvers", "throughput": "experiments.bench.loop",
     "scaling": "experiments.bench.loop", "verdicts": "experiments.bench.study",
-    "study": "experiments.bench.study",
+    "study": "experiments.bench.study", "study_ab": "experiments.bench.ab",
     "decode": "experiments.bench.decode",
 }
-SUITE = tuple(MODULES)
+ON_REQUEST = ("study_ab",)  # not in the suite; run only when named with --only
+SUITE = tuple(name for name in MODULES if name not in ON_REQUEST)
+KNOWN = (*SUITE, *ON_REQUEST)
 NOT_QUICK = ("study",)
 COLUMNS = ("benchmark", "what is compared", "median ratio", "min–max", "target", "pass/fail")
 
@@ -69,7 +74,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="small sizes, few repetitions (< 2 min on 2 cores); skips 'study'")
     parser.add_argument("--only", default=None, metavar="NAME[,NAME]",
-                        help=f"comma-separated subset of: {', '.join(SUITE)}")
+                        help=f"comma-separated subset of: {', '.join(KNOWN)}")
     parser.add_argument("--out", default="bench.json", type=Path,
                         help="where to write the rows as JSON (default: bench.json)")
     parser.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"),
@@ -94,10 +99,10 @@ def select(only: str | None, quick: bool, parser: argparse.ArgumentParser) -> li
     if only is None:
         return [name for name in SUITE if not (quick and name in NOT_QUICK)]
     names = [name.strip() for name in only.split(",") if name.strip()]
-    unknown = [name for name in names if name not in SUITE]
+    unknown = [name for name in names if name not in KNOWN]
     if unknown or not names:
-        parser.error(f"--only: unknown benchmark(s) {unknown or [only]}; known: {', '.join(SUITE)}")
-    return [name for name in SUITE if name in names]
+        parser.error(f"--only: unknown benchmark(s) {unknown or [only]}; known: {', '.join(KNOWN)}")
+    return [name for name in KNOWN if name in names]
 
 
 def run_suite(names: Sequence[str], cfg: BenchConfig) -> list[Row]:

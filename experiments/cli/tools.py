@@ -4,12 +4,14 @@
 (``experiments.figures.draw_all``) and regenerates ``report.md`` — nothing is recomputed.
 
 ``loopscope-diagnose CHECKPOINT [--loops K] [--batch B] [--task NAME] [--split S] [--seed N]``
-loads a trained model (``models.load_model``), finds its task in the ``train.json`` beside it (or
-the run's ``run.json``; ``--task`` overrides with that task's defaults), unrolls it for K loops on
-fresh task data (default: 4x its training depth, at least 32) and prints the share of each
-trajectory verdict (``fixedpoint.classify`` with the model's step map, so aperiodic trajectories
-split into chaotic / quasi-periodic; periodic ones by period) with the median spectral radius at the
-final state and the median contraction rate per verdict.
+loads a trained model (``models.load_model``; a local Hugging Face checkpoint directory goes
+through ``models.hf.from_pretrained`` with ``--loop-layers A B`` and ``--injection``), finds its
+task in the ``train.json`` beside it (or the run's ``run.json``; ``--task`` overrides with that
+task's defaults), unrolls it for K loops on fresh task data (default: 4x its training depth, at
+least 32) and prints the share of each trajectory verdict (``fixedpoint.classify`` with the
+model's step map, so aperiodic trajectories split into chaotic / quasi-periodic; periodic ones by
+period) with the median spectral radius at the final state and the median contraction rate per
+verdict.
 
 Both print one clear line and exit with status 2 on a bad path, a directory that is not a run, or a
 corrupt checkpoint.
@@ -45,6 +47,7 @@ def plot_main(argv: Sequence[str] | None = None) -> None:
 
     skipped: dict[str, str] = {}
     try:
+        check_run(run_dir)  # before anything is written: a bad run leaves its figures as they are
         written = draw_all(run_dir, skipped=skipped)
         report = write_report(run_dir)
     except (ValueError, OSError) as err:
@@ -56,25 +59,48 @@ def plot_main(argv: Sequence[str] | None = None) -> None:
     print(report)
 
 
+def check_run(run_dir: Path) -> None:
+    """``ValueError`` unless the run's tables are loopscope tables with data and its report can
+    be built (``experiments.figures.check_tables``)."""
+    from experiments.figures import check_tables
+    from experiments.results import load_run
+    from experiments.results.report import _read_info, build_report
+
+    tables = load_run(run_dir)
+    check_tables(tables)
+    try:
+        build_report(tables["results"], tables.get("samples"), _read_info(run_dir), run_dir)
+    except (KeyError, IndexError, TypeError) as err:  # values a loopscope run never writes
+        raise ValueError(f"its report cannot be built: {type(err).__name__}: {err}") from None
+
+
 # -- loopscope-diagnose ----------------------------------------------------------------------------
 def diagnose_main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``loopscope-diagnose CHECKPOINT``."""
     prog = "loopscope-diagnose"
     parser = argparse.ArgumentParser(prog=prog, description="Unroll a trained looped model past "
                                      "its training depth and print the trajectory verdicts.")
-    parser.add_argument("checkpoint", help="a model .safetensors file written by loopscope")
+    parser.add_argument("checkpoint", help="a model .safetensors file written by loopscope, or "
+                        "a local Hugging Face checkpoint directory (needs --task)")
     parser.add_argument("--loops", type=int, default=None, help="unrolled loops K (default: "
                         "4x the training depth, at least 32)")
     parser.add_argument("--batch", type=int, default=64, help="samples (default 64)")
     parser.add_argument("--task", default=None, help="task name (default: the checkpoint's own)")
     parser.add_argument("--split", default="val", choices=("train", "val", "hard"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loop-layers", type=int, nargs=2, default=None, metavar=("A", "B"),
+                        help="Hugging Face checkpoint directory: loop decoder layers [A, B)")
+    parser.add_argument("--injection", default=None, choices=("none", "add", "concat"),
+                        help="Hugging Face checkpoint directory: input injection (default none)")
     args = parser.parse_args(argv)
     if args.loops is not None and args.loops < 8:
         fail(prog, f"--loops must be >= 8 to classify a trajectory, got {args.loops}")
     if args.batch < 1:
         fail(prog, f"--batch must be >= 1, got {args.batch}")
-    model, meta = _load(prog, Path(args.checkpoint))
+    if Path(args.checkpoint).is_dir() and Path(args.checkpoint).suffix != ".safetensors":
+        model, meta = _load_hf(prog, Path(args.checkpoint), args.loop_layers, args.injection)
+    else:
+        model, meta = _load(prog, Path(args.checkpoint))
     task = _task(prog, args.task, meta, model)
     loops = args.loops or max(32, 4 * int(meta.get("loops", 8)))
     table, summary = diagnose(model, task, loops=loops, batch=args.batch, split=args.split,
@@ -95,6 +121,18 @@ def _load(prog: str, path: Path) -> tuple[Any, dict[str, Any]]:
     except (ValueError, OSError, KeyError, RuntimeError) as err:
         fail(prog, f"cannot load checkpoint {str(path)!r}: {one_line(err)}")
     return model.eval(), _plan_beside(path)
+
+
+def _load_hf(prog: str, path: Path, loop_layers: Any, injection: str | None
+             ) -> tuple[Any, dict[str, Any]]:
+    """A local Hugging Face checkpoint directory through ``models.hf`` (no training plan)."""
+    try:
+        from models.hf import from_pretrained
+
+        model = from_pretrained(path, loop_layers=loop_layers, injection=injection)
+    except (ImportError, ValueError, OSError) as err:
+        fail(prog, f"cannot load {str(path)!r}: {one_line(err)}")
+    return model, {"loops": getattr(model, "configured_loops", 8)}
 
 
 def _plan_beside(path: Path) -> dict[str, Any]:

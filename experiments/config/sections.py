@@ -23,6 +23,8 @@ from typing import Any
 from common.constants import GRANULARITIES, SPLITS
 
 INF = float("inf")
+# torch.manual_seed takes < 2**64; evaluation seeds derive seed * 7_919 + 103, job seeds mod 2**31-1
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ def _device_ok(name: str) -> bool:
 class RunConfig:
     """Top-level keys of a run."""
 
-    seed: int = setting(0, low=0)
+    seed: int = setting(0, low=0, high=MAX_SEED)
     """Base seed; multirun job n uses a seed derived from (seed, n)."""
     threads: int = setting(1, low=0)
     """``torch.set_num_threads`` (tiny models: 1 is fastest); 0 = torch's default."""
@@ -114,7 +116,7 @@ class TrainConfig:
     progress: bool = setting(True)
     """Show a progress bar."""
     workers: int = setting(1, low=1)
-    """Train independent models in this many processes (CPU only)."""
+    """Train, then evaluate, independent models in this many processes (CPU only)."""
 
 
 @dataclass
@@ -127,8 +129,8 @@ class EvalConfig:
     """Splits evaluated."""
     unroll: int = setting(16, low=1)
     """The fixed sweep runs loops 1..max(unroll, 4 x training depth)."""
-    verdict_loops: int = setting(32, low=2)
-    """Trajectory length K classified by ``fixedpoint.classify``."""
+    verdict_loops: int = setting(32, low=7)
+    """Trajectory length K classified by ``fixedpoint.classify`` (it needs K + 1 >= 8 states)."""
     budgets: list[int] = setting(factory=lambda: [4, 16], low=1, non_empty=True)
     """``max_loops`` budgets of the adaptive controllers."""
     granularity: str = setting("sample", choices=GRANULARITIES)
@@ -138,8 +140,8 @@ class EvalConfig:
     """Name -> controller config, run on every trained model."""
     spectral_samples: int = setting(8, low=0)
     """Samples whose spectral radius at the final state is estimated."""
-    spectral_iters: int = setting(20, low=1)
-    """Power iterations of that estimate."""
+    spectral_iters: int = setting(20, low=2)
+    """Power iterations of that estimate (it averages the growth of the last iters // 2)."""
     attention_samples: int = setting(16, low=0)
     """Samples with captured attention for the per-loop diagnostics (0 = none)."""
     trace_samples: int = setting(8, low=0)

@@ -62,8 +62,10 @@ class Rule:
     nullable: bool = False
 
 
-def _int(low: int) -> Rule:
-    return Rule((int,), lambda v: v >= low, f"an integer >= {low}")
+def _int(low: int, high: float | None = None) -> Rule:
+    if high is None:
+        return Rule((int,), lambda v: v >= low, f"an integer >= {low}")
+    return Rule((int,), lambda v: low <= v <= high, f"an integer >= {low} and <= {high}")
 
 
 def _num(check: Check) -> Rule:
@@ -100,7 +102,7 @@ def _scalar(kind: type, check: Check) -> Rule:
     if kind is bool:
         return BOOL
     if kind is int:
-        return _int(int(check.low))
+        return _int(int(check.low), None if check.high is None else int(check.high))
     if kind is float:
         return _num(check)
     if kind is dict:
@@ -137,6 +139,8 @@ def rules_of(cls: type) -> dict[str, Rule]:
 
 
 BOOL = Rule((bool,), allowed="true or false")
+# evaluation attends over (eval batch, heads, T, T): longer sequences exhaust memory after training
+MAX_SEQ_LEN = 2048
 TRAIN_RULES = rules_of(TrainConfig)
 EVAL_RULES = rules_of(EvalConfig)
 STUDY_RULES = rules_of(StudyConfig)
@@ -259,9 +263,14 @@ def _build_task(task_cfg: Any) -> Any:
                           f"got {task_cfg!r}")
     params = {k: v for k, v in task_cfg.items() if k != "name"}
     try:
-        return build_task(task_cfg["name"], **params)
+        task = build_task(task_cfg["name"], **params)
     except (KeyError, ValueError, TypeError) as err:
         raise ConfigError(f"task: {_message(err)}") from None
+    if task.seq_len > MAX_SEQ_LEN:
+        given = ", ".join(f"task.{k}={v!r}" for k, v in params.items() if "len" in k)
+        raise ConfigError(f"task: {given or task_cfg['name']} makes sequences of {task.seq_len} "
+                          f"tokens (hard split included); at most {MAX_SEQ_LEN} are allowed")
+    return task
 
 
 def _message(err: BaseException) -> str:
@@ -278,6 +287,12 @@ def _check_models(plain: dict[str, Any], task: Any) -> dict[str, dict[str, Any]]
         where = "model" if not plain["study"]["models"] else f"study.models.{key}"
         if not isinstance(section, dict):
             raise ConfigError(f"{where} must be a mapping of ModelConfig fields, got {section!r}")
+        if section.get("arch") in ("hf", "hf_retrofit"):
+            raise ConfigError(
+                f"{where}: a Hugging Face checkpoint is not trained by a study yet; unroll and "
+                f"classify it with loopscope-diagnose {section.get('path')} --loop-layers A B "
+                "--task NAME"
+            )
         for name in TASK_MODEL_FIELDS:
             if name in section:
                 raise ConfigError(f"{where}.{name} is set from the task ({task.name}); remove it")

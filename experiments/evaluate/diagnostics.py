@@ -3,8 +3,11 @@ r"""Per-loop diagnostics of a looped model's trajectory (REFERENCE.md §4).
 Notation: a recorded trajectory ``states`` has shape (K+1, B, T, D) and holds h_0 (the initial
 state) and h_1 .. h_K (after loops 1 .. K). The update of loop k is D_k = h_k - h_{k-1}. Norms of a
 sample are Frobenius norms over its (T, D) block; batch values are means over samples. Everything is
-accumulated in float64 whatever the input dtype, and every loop-indexed result has K entries, entry
-k-1 belonging to loop k (NaN where a loop has no value, e.g. cos_prev at loop 1).
+accumulated in float64 whatever the input dtype unless a function is given ``dtype=torch.float32``
+(the evaluator does: float32 trajectories need no float64 copy, and the values then differ from
+the float64 ones by float32 rounding only — bounded in tests/experiments/test_diagnostics_fast.py);
+every loop-indexed result has K entries, entry k-1 belonging to loop k (NaN where a loop has no
+value, e.g. cos_prev at loop 1).
 
 * relative residual r_k = ||D_k|| / ||h_k||.
 * update coherence: cos_prev_k = cos(D_k, D_{k-1}); cos_total_k = cos(D_k, h_K - h_0). A cosine
@@ -40,11 +43,13 @@ from torch import Tensor
 from common.constants import IGNORE_INDEX
 
 EPS = 1e-12
+CKA_BLOCK_ENTRIES = 2**24  # entries of one band of cka_matrix's cross-covariance product
 IGNORE = IGNORE_INDEX
 
 
-def _trajectory(states: Tensor | Sequence[Tensor]) -> Tensor:
-    """Stack/validate a (K+1, B, T, D) trajectory (a (K+1, B, D) one gets T = 1) as float64."""
+def _trajectory(states: Tensor | Sequence[Tensor], dtype: torch.dtype = torch.float64) -> Tensor:
+    """Stack/validate a (K+1, B, T, D) trajectory (a (K+1, B, D) one gets T = 1) in ``dtype``
+    (no copy when it already is)."""
     if not isinstance(states, Tensor):
         states = torch.stack(list(states))
     if states.dim() == 3:
@@ -53,7 +58,7 @@ def _trajectory(states: Tensor | Sequence[Tensor]) -> Tensor:
         raise ValueError(f"states must have shape (K+1, B, T, D), got {tuple(states.shape)}")
     if states.shape[0] < 2:
         raise ValueError(f"states need at least 2 entries (h_0 and h_1), got {states.shape[0]}")
-    return states.detach().double()
+    return states.detach().to(dtype)
 
 
 def _sample_norm(x: Tensor) -> Tensor:
@@ -65,28 +70,29 @@ def _sample_cos(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=EPS)
 
 
-def relative_residual(states: Tensor, per_sample: bool = False) -> Tensor:
+def relative_residual(states: Tensor, per_sample: bool = False,
+                      dtype: torch.dtype = torch.float64) -> Tensor:
     """||h_k - h_{k-1}|| / ||h_k|| for k = 1..K: (K,) batch mean, or (B, K) with ``per_sample``."""
-    h = _trajectory(states)
+    h = _trajectory(states, dtype)
     ratio = _sample_norm(h[1:] - h[:-1]) / _sample_norm(h[1:]).clamp(min=EPS)  # (K, B)
     return ratio.T if per_sample else ratio.mean(dim=1)
 
 
-def update_coherence(states: Tensor) -> tuple[Tensor, Tensor]:
+def update_coherence(states: Tensor, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
     """(cos(D_k, D_{k-1}), cos(D_k, h_K - h_0)) per loop k, each (K,); cos_prev[0] is NaN."""
-    h = _trajectory(states)
+    h = _trajectory(states, dtype)
     updates = h[1:] - h[:-1]  # (K, B, T, D)
-    cos_prev = torch.full((updates.shape[0],), math.nan, dtype=torch.float64, device=h.device)
+    cos_prev = torch.full((updates.shape[0],), math.nan, dtype=h.dtype, device=h.device)
     if updates.shape[0] > 1:
         cos_prev[1:] = _sample_cos(updates[1:], updates[:-1]).mean(dim=1)
     total = (h[-1] - h[0]).expand_as(updates)
     return cos_prev, _sample_cos(updates, total).mean(dim=1)
 
 
-def period2_return_error(states: Tensor) -> Tensor:
+def period2_return_error(states: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
     """||h_k - h_{k-2}|| / ||h_k|| per loop k = 1..K (K,); loop 1 is NaN (no h_{-1})."""
-    h = _trajectory(states)
-    out = torch.full((h.shape[0] - 1,), math.nan, dtype=torch.float64, device=h.device)
+    h = _trajectory(states, dtype)
+    out = torch.full((h.shape[0] - 1,), math.nan, dtype=h.dtype, device=h.device)
     if h.shape[0] > 2:
         err = _sample_norm(h[2:] - h[:-2]) / _sample_norm(h[2:]).clamp(min=EPS)  # (K-1, B)
         out[1:] = err.mean(dim=1)
@@ -112,15 +118,15 @@ def attention_js(p: Tensor, q: Tensor) -> Tensor:
     return js[live].mean() if live.any() else js.new_tensor(math.nan)
 
 
-def _rows(x: Tensor) -> Tensor:
+def _rows(x: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
     if x.dim() < 2:
         raise ValueError(f"expected a matrix (N, D) or (..., D), got shape {tuple(x.shape)}")
-    return x.detach().double().reshape(-1, x.shape[-1])  # (N, D)
+    return x.detach().to(dtype).reshape(-1, x.shape[-1])  # (N, D)
 
 
-def effective_rank(x: Tensor) -> Tensor:
+def effective_rank(x: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
     """Roy & Vetterli effective rank of ``x`` (N, D) (leading dims are flattened into N)."""
-    sv = torch.linalg.svdvals(_rows(x))
+    sv = torch.linalg.svdvals(_rows(x, dtype))
     if sv.sum() <= 0:
         return sv.new_zeros(())
     p = sv / sv.sum()
@@ -128,9 +134,9 @@ def effective_rank(x: Tensor) -> Tensor:
     return entropy.exp()
 
 
-def participation_ratio(x: Tensor) -> Tensor:
+def participation_ratio(x: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
     """(sum l)^2 / sum l^2 over eigenvalues l of the covariance of ``x`` (N, D)."""
-    rows = _rows(x)
+    rows = _rows(x, dtype)
     centred = rows - rows.mean(dim=0)
     eig = torch.linalg.eigvalsh(centred.T @ centred / max(rows.shape[0] - 1, 1)).clamp(min=0)
     denom = (eig**2).sum()
@@ -148,24 +154,32 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
     return cross / denom if denom > 0 else cross.new_tensor(math.nan)
 
 
-def cka_matrix(states: Tensor, max_rows: int = 2048) -> Tensor:
+def cka_matrix(states: Tensor, max_rows: int = 2048, dtype: torch.dtype = torch.float64) -> Tensor:
     """Linear CKA between every pair of states h_0..h_K: (K+1, K+1), symmetric, diagonal 1.
 
     Each state's (B, T, D) is flattened to (B*T, D); above ``max_rows`` rows an evenly strided
-    subset is used (cost grows as K^2 * rows * D^2).
+    subset is used. All cross-covariances come from one product: with the centred states side by
+    side, A = [X_0 .. X_K] (N, (K+1) D), block (i, j) of A^T A is X_i^T X_j, whose squared
+    Frobenius norm is CKA's numerator (its diagonal blocks give the denominators).
     """
-    h = _trajectory(states)
+    h = _trajectory(states, dtype)
     flat = h.reshape(h.shape[0], -1, h.shape[-1])  # (K+1, N, D)
     if flat.shape[1] > max_rows:
         flat = flat[:, torch.linspace(0, flat.shape[1] - 1, max_rows).long()]
     flat = flat - flat.mean(dim=1, keepdim=True)
-    gram_norm = torch.einsum("knd,kne->kde", flat, flat).flatten(1).norm(dim=1)  # (K+1,)
-    n = flat.shape[0]
-    out = torch.eye(n, dtype=torch.float64, device=flat.device)
-    for i in range(n):
-        for j in range(i + 1, n):
-            cross = (flat[j].T @ flat[i]).square().sum()
-            out[i, j] = out[j, i] = cross / (gram_norm[i] * gram_norm[j]).clamp(min=EPS)
+    n, rows, width = flat.shape
+    side = flat.permute(1, 0, 2).reshape(rows, n * width)  # (N, (K+1) D)
+    # a band of states at a time keeps the product's memory bounded for wide or long trajectories
+    band = max(1, CKA_BLOCK_ENTRIES // (width * n * width))
+    cross = torch.empty(n, n, dtype=flat.dtype, device=flat.device)
+    for start in range(0, n, band):
+        stop = min(n, start + band)
+        blocks = side[:, start * width:stop * width].T @ side  # rows: X_i^T, i in the band
+        blocks = blocks.reshape(stop - start, width, n, width)  # [i, :, j, :] = X_i^T X_j
+        cross[start:stop] = blocks.square().sum(dim=(1, 3))  # ||X_i^T X_j||_F^2
+    gram_norm = cross.diagonal().sqrt()  # ||X_i^T X_i||_F
+    out = cross / (gram_norm[:, None] * gram_norm[None, :]).clamp(min=EPS)
+    out.fill_diagonal_(1.0)
     return out
 
 
@@ -193,16 +207,18 @@ def logit_lens_kl(logits_per_loop: Tensor | Sequence[Tensor], final: Tensor,
     return totals / max(reference.shape[0], 1)
 
 
-def distance_to_final(states: Tensor, relative: bool = False) -> Tensor:
+def distance_to_final(states: Tensor, relative: bool = False,
+                      dtype: torch.dtype = torch.float64) -> Tensor:
     """||h_k - h_K|| per token for k = 1..K: (B, T, K); ``relative`` divides by ||h_K||."""
-    h = _trajectory(states)
+    h = _trajectory(states, dtype)
     dist = (h[1:] - h[-1]).norm(dim=-1)  # (K, B, T)
     if relative:
         dist = dist / h[-1].norm(dim=-1).clamp(min=EPS)
     return dist.permute(1, 2, 0)  # (B, T, K)
 
 
-def pca_portrait(states: Tensor, tail: int = 8, components: int = 2) -> Tensor:
+def pca_portrait(states: Tensor, tail: int = 8, components: int = 2,
+                 dtype: torch.dtype = torch.float64) -> Tensor:
     """Project every state on the principal axes of the trajectory's last ``tail`` states.
 
     Returns:
@@ -210,7 +226,7 @@ def pca_portrait(states: Tensor, tail: int = 8, components: int = 2) -> Tensor:
         h_{K-tail+1}..h_K (all samples, all tokens; non-finite states are left out of the fit and
         project to NaN), centred on their mean.
     """
-    h = _trajectory(states)
+    h = _trajectory(states, dtype)
     if tail < 1:
         raise ValueError(f"tail must be >= 1, got {tail!r}")
     fit = h[-min(tail, h.shape[0]):].reshape(-1, h.shape[-1])  # (tail*B*T, D)
@@ -250,6 +266,7 @@ def per_loop_table(
     step_logits: Tensor | None = None,
     targets: Tensor | None = None,
     score_fn: Callable[[Tensor, Tensor], Any] | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> pd.DataFrame:
     """Every diagnostic per loop k >= 1 as a long table with columns (loop, metric, value).
 
@@ -264,13 +281,14 @@ def per_loop_table(
         targets: (B, T) targets with -100 ignored.
         score_fn: ``score_fn(logits, targets)`` returning a (B,) bool tensor or a dict with
             ``correct``; default: every target position right.
+        dtype: the dtype of the state diagnostics (float64 by default; see module docstring).
 
     Returns:
         DataFrame with rows for relative_residual, cos_prev, cos_total, period2_return_error,
         effective_rank, participation_ratio, cka@j (j = 1..K, at loop i), and when given:
         attention_js, logit_lens_kl, accuracy_at_loop. NaN values are dropped.
     """
-    h = _trajectory(states)
+    h = _trajectory(states, dtype)
     n_loops = h.shape[0] - 1
     rows: list[tuple[int, str, float]] = []
 
@@ -300,15 +318,17 @@ def per_loop_table(
 def _state_rows(h: Tensor, n_loops: int, add: Callable[[str, Tensor], None],
                 rows: list[tuple[int, str, float]]) -> None:
     """The diagnostics of the states themselves (residual, coherence, rank, CKA)."""
-    add("relative_residual", relative_residual(h))
-    cos_prev, cos_total = update_coherence(h)
+    dtype = h.dtype  # the caller's choice, made in per_loop_table
+    add("relative_residual", relative_residual(h, dtype=dtype))
+    cos_prev, cos_total = update_coherence(h, dtype)
     add("cos_prev", cos_prev)
     add("cos_total", cos_total)
-    add("period2_return_error", period2_return_error(h))
-    add("effective_rank", torch.stack([effective_rank(h[k]) for k in range(1, n_loops + 1)]))
+    add("period2_return_error", period2_return_error(h, dtype))
+    add("effective_rank", torch.stack([effective_rank(h[k], dtype)
+                                       for k in range(1, n_loops + 1)]))
     add("participation_ratio",
-        torch.stack([participation_ratio(h[k]) for k in range(1, n_loops + 1)]))
-    cka = cka_matrix(h)
+        torch.stack([participation_ratio(h[k], dtype) for k in range(1, n_loops + 1)]))
+    cka = cka_matrix(h, dtype=dtype)
     for i in range(1, n_loops + 1):
         rows.extend((i, f"cka@{j}", float(cka[i, j])) for j in range(1, n_loops + 1))
 

@@ -19,6 +19,10 @@ import torch
 from torch import Tensor
 
 RESIDUAL_TRACE_SAMPLES = 64  # samples whose per-loop residual trace is stored per run
+# per-loop state diagnostics of the whole batch: the trajectory already is float32 and float64
+# would copy it; values differ by float32 rounding only (bound: tests/experiments/
+# test_diagnostics_fast.py)
+DIAGNOSTICS_DTYPE = torch.float32
 
 
 @dataclass
@@ -30,6 +34,7 @@ class Trajectory:
     correct: Tensor         # (K, B) bool, fixed(k) correct for k = 1..K
     loss: Tensor            # (K, B)
     lens_logits: Tensor     # (K, n, T, V) readouts of the first n samples (logit lens)
+    step_dtype: torch.dtype = torch.float32  # what the model's steps return (autocast: bf16)
 
 
 @dataclass
@@ -85,7 +90,8 @@ def unroll(model: Any, task: Any, batch: Any, loops: int) -> Trajectory:
         correct.append(scores["correct"].cpu())
         loss.append(scores["loss"].float().cpu())
         lens.append(logits[:n_lens].cpu())
-    return Trajectory(states, ctx, torch.stack(correct), torch.stack(loss), torch.stack(lens))
+    return Trajectory(states, ctx, torch.stack(correct), torch.stack(loss), torch.stack(lens),
+                      dtype)
 
 
 def classify_trajectory(traj: Trajectory) -> dict[str, Any]:
@@ -164,7 +170,7 @@ def per_loop_diagnostics(traj: Trajectory, attention_maps: list[dict[str, Any]] 
 
     # samples that diverged would make every batch mean NaN: they are left out here and
     # show up as the `diverging` verdict instead
-    table = per_loop_table(traj.states.cpu(), attention=attention_maps)
+    table = per_loop_table(traj.states.cpu(), attention=attention_maps, dtype=DIAGNOSTICS_DTYPE)
     logits = traj.lens_logits[:, finite[: traj.lens_logits.shape[1]]]  # (K, n', T, V)
     lens = logit_lens_kl(logits, logits[-1]) if logits.shape[1] else torch.empty(0)
     extra = [(k + 1, "logit_lens_kl", float(v)) for k, v in enumerate(lens.tolist())]
@@ -174,14 +180,36 @@ def per_loop_diagnostics(traj: Trajectory, attention_maps: list[dict[str, Any]] 
     return pd.concat([table, pd.DataFrame(extra, columns=["loop", "metric", "value"])])
 
 
+def can_replay(model: Any, batch: Any, traj: Trajectory) -> bool:
+    """Whether a controller's run equals its replay over ``traj`` (``halting.replay``): the stored
+    states are in the steps' own dtype and ``run_loop`` would start from the same initial state
+    (a random one, ``recurrent_depth``'s, is drawn anew by every run). The check draws nothing:
+    torch's RNG is restored after it."""
+    devices = [traj.states.device] if traj.states.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        z0 = model.init_state(model.prepare(batch.tokens))
+    return traj.step_dtype == traj.states.dtype == z0.dtype and torch.equal(z0, traj.states[0])
+
+
 @torch.no_grad()
 def run_controller(model: Any, task: Any, batch: Any, name: str, controller: Any, budget: int,
-                   granularity: str) -> ControllerRun:
-    """``run_loop(model, tokens, controller, max_loops=budget, record=True)``, scored."""
-    from halting import run_loop
+                   granularity: str, traj: Trajectory | None = None) -> ControllerRun:
+    """``run_loop(model, tokens, controller, max_loops=budget, record=True)``, scored.
 
-    out = run_loop(model, batch.tokens, controller, max_loops=budget, granularity=granularity,
-                   record=True)
+    With ``traj`` (only when ``can_replay``), a controller that decides step by step is replayed
+    over the stored trajectory instead (``halting.replay``: the same output, tested); the solver
+    and anything else that runs its own loop always runs the model.
+    """
+    from halting import run_loop
+    from halting.replay import replay_loop, replayable
+
+    if traj is not None and replayable(controller, granularity) and \
+            traj.states.shape[0] > controller.planned_loops(budget):
+        out = replay_loop(model, traj.ctx, traj.states, controller, max_loops=budget,
+                          granularity=granularity, record=True)
+    else:
+        out = run_loop(model, batch.tokens, controller, max_loops=budget,
+                       granularity=granularity, record=True)
     scores = score(task, batch, out.logits.float())
     depth = out.depth if out.depth.dim() == 1 else out.depth.max(dim=1).values
     return ControllerRun(name, budget, out, scores["correct"].cpu(), scores["loss"].float().cpu(),

@@ -4,6 +4,7 @@ shared layout and encoding (``style``). ``draw_all`` draws every entry of ``FIGU
 from experiments.figures.dynamics import (
     FIGURES,
     VERDICT_ORDER,
+    check_tables,
     draw_all,
     fig_convergence_traces,
     fig_depth_histograms,
@@ -17,7 +18,8 @@ from experiments.figures.quality import fig_accuracy_vs_loops, fig_gain_cost
 from experiments.figures.style import plt
 
 __all__ = [
-    "FIGURES", "VERDICT_ORDER", "draw_all", "fig_accuracy_vs_loops", "fig_convergence_traces",
+    "FIGURES", "VERDICT_ORDER", "check_tables", "draw_all", "fig_accuracy_vs_loops",
+    "fig_convergence_traces",
     "fig_depth_histograms", "fig_gain_cost", "fig_heatmaps", "fig_oscillation",
     "fig_phase_portraits", "fig_representation", "fig_verdicts", "plt",
 ]

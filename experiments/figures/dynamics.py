@@ -439,39 +439,74 @@ def _tolerance(results: pd.DataFrame) -> float | None:
 def draw_all(run_dir: str | os.PathLike, skipped: dict[str, str] | None = None) -> list[Path]:
     """Draw every figure the run has data for into ``run_dir/figures/<name>.png`` (atomically).
 
+    The tables are checked first (``check_tables``: schema columns, at least one row, some finite
+    value) and every figure is drawn in memory before any file is written, so a table that is
+    not a loopscope run, or a figure that fails, leaves the existing figures untouched.
     Figures whose table or metrics are absent are skipped, not drawn empty; their names and the
     reason are logged and, when ``skipped`` is a dict, recorded there.
 
     Returns:
         Paths of the PNG files written.
+
+    Raises:
+        ValueError: a table is foreign, empty or all-NaN, or a figure cannot be drawn.
     """
     tables = load_run(run_dir)
-    written: list[Path] = []
-    for name, (table, draw) in FIGURES.items():
-        reason = _draw_one(name, table, draw, tables, Path(run_dir), written)
-        if reason is not None:
+    check_tables(tables)
+    drawn: dict[str, Figure] = {}
+    try:
+        for name, (table, draw) in FIGURES.items():
+            fig, reason = _draw_one(name, table, draw, tables)
+            if fig is not None:
+                drawn[name] = fig
+                continue
             log.info("figure %s skipped: %s", name, reason)
             if skipped is not None:
                 skipped[name] = reason
-    return written
+        return [save_figure(fig, Path(run_dir) / "figures" / f"{name}.png")
+                for name, fig in drawn.items()]
+    finally:
+        for fig in drawn.values():
+            plt.close(fig)
 
 
-def _draw_one(name: str, table: str, draw: Callable[..., Figure], tables: dict[str, Any],
-              run_dir: Path, written: list[Path]) -> str | None:
+def check_tables(tables: dict[str, pd.DataFrame]) -> None:
+    """``ValueError`` unless every present table has its schema's columns, some table has rows,
+    and a ``results`` table with rows has some finite value."""
+    from experiments.results.schema import RESULTS_COLUMNS, SAMPLES_COLUMNS, TRACES_COLUMNS
+
+    for name, columns in (("results", RESULTS_COLUMNS), ("traces", TRACES_COLUMNS),
+                          ("samples", SAMPLES_COLUMNS)):
+        if name in tables:
+            try:
+                validate_frame(tables[name], columns)
+            except ValueError as err:
+                raise ValueError(f"{name}.parquet is not a loopscope table: {err}") from None
+    if all(frame.empty for frame in tables.values()):
+        raise ValueError(f"the tables ({', '.join(f'{n}.parquet' for n in tables)}) have no "
+                         "rows; nothing to draw")
+    results = tables["results"]
+    values = pd.to_numeric(results["value"], errors="coerce").to_numpy(dtype=float)
+    if not results.empty and not np.isfinite(values).any():
+        raise ValueError("results.parquet has no finite value (all NaN or infinite); "
+                         "nothing to draw")
+
+
+def _draw_one(name: str, table: str, draw: Callable[..., Figure], tables: dict[str, Any]
+              ) -> tuple[Figure | None, str]:
+    """The drawn figure, or ``(None, reason)`` when the run has no data for it."""
     frame = tables.get(table)
     if frame is None or frame.empty:
-        return f"{table}.parquet absent or empty"
+        return None, f"{table}.parquet absent or empty"
     kwargs: dict[str, Any] = {}
     if name == "convergence_traces":
         kwargs["tol"] = _tolerance(tables["results"])
     if name == "oscillation":
         kwargs["samples"] = tables.get("samples")
     try:
-        fig = draw(frame, **kwargs)
+        return draw(frame, **kwargs), ""
     except ValueError as err:  # the figure's data is not in this run
-        return str(err)
-    try:
-        written.append(save_figure(fig, run_dir / "figures" / f"{name}.png"))
-    finally:
-        plt.close(fig)
-    return None
+        return None, str(err)
+    except (KeyError, TypeError, IndexError) as err:  # malformed values in a schema'd table
+        raise ValueError(f"figure {name} cannot be drawn from this run: "
+                         f"{type(err).__name__}: {err}") from None

@@ -37,6 +37,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; files follow the umask
         with open(tmp, "rb+") as handle:  # flush the data before the rename makes it visible
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -44,6 +45,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it; there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -68,10 +76,15 @@ def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 130) -> Path:
-    """Save a matplotlib figure atomically (format from the suffix, tight bounding box)."""
+    """Save a matplotlib figure atomically (format from the suffix).
+
+    A figure with a layout engine (constrained layout) already fits its canvas; the tight
+    bounding box is used only without one, because it draws the figure a second time.
+    """
     fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    tight = None if fig.get_layout_engine() is not None else "tight"
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi,
-                                                      bbox_inches="tight"))
+                                                      bbox_inches=tight))
 
 
 def validate_frame(df: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:

@@ -5,7 +5,14 @@ import below is the one line that makes it known. A new task is one new module h
 line, and its ``conf/task/<name>.yaml``.
 """
 
-from experiments.tasks import addition, parity, phop, pycode, s5  # noqa: F401  (registration)
+from experiments.tasks import (  # noqa: F401  (registration)
+    addition,
+    parity,
+    parity_vector,
+    phop,
+    pycode,
+    s5,
+)
 from experiments.tasks.base import (
     IGNORE,
     SPLITS,
