@@ -103,7 +103,7 @@ class CachedDecoding:
         """Write the new keys/values into ``buf`` at ``at``, attend over its readable slots."""
 
         def mix(q: Tensor, keys: Tensor, values: Tensor, h: Tensor) -> Tensor:
-            buf.write(group, rows, at, keys, values)
+            buf.store(group, rows, at, keys, values)
             cached_k, cached_v = buf.read(group, rows, at)
             return self._attend_cached(q, cached_k, cached_v, at.mask(buf.width(at)))
 

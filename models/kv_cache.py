@@ -36,7 +36,7 @@ class KVBuffer:
         """Slot of each position (n,)."""
         return pos if self.window is None else pos % self.window
 
-    def write(self, group: int, rows: Tensor | None, at: DecodePositions, keys: Tensor,
+    def store(self, group: int, rows: Tensor | None, at: DecodePositions, keys: Tensor,
               values: Tensor) -> None:
         """Store the new token's keys/values (n, H, 1, hs) of loop ``group`` at ``at.pos``."""
         if rows is None and at.low == at.high:  # one column for every row: a plain slice

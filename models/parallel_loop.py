@@ -208,7 +208,7 @@ class ParallelLoop(TransformerLoop):
 
         def gated(q: Tensor, keys: Tensor, values: Tensor, h: Tensor) -> Tensor:
             o_glob = self._attend_cached(q, *glob.read(0, rows, at), at.mask(glob.width(at)))
-            local.write(k - 1, rows, at, keys, values)
+            local.store(k - 1, rows, at, keys, values)
             o_loc = self._attend_cached(q, *local.read(k - 1, rows, at),
                                         at.mask(local.width(at)))
             g = gate(q, h) if gate is not None else 0.5
@@ -280,7 +280,7 @@ class ParallelLoop(TransformerLoop):
         gate = self.gates[layer] if self.gates is not None else None
 
         def parallel(q: Tensor, keys: Tensor, values: Tensor, h: Tensor) -> Tensor:
-            glob.write(0, None, at, keys[:, :, :1], values[:, :, :1])  # loop 0 writes first
+            glob.store(0, None, at, keys[:, :, :1], values[:, :, :1])  # loop 0 writes first
             o_glob = self._attend_cached(q, *glob.read(0, None, at), at.mask(glob.width(at)))
             if local is None:
                 return o_glob
@@ -300,7 +300,7 @@ class ParallelLoop(TransformerLoop):
             local.values[: loops - 1, :, :, col] = values[:, :, 1:].permute(2, 0, 1, 3)
         else:
             for r in range(1, loops):
-                local.write(r - 1, None, at, keys[:, :, r:r + 1], values[:, :, r:r + 1])
+                local.store(r - 1, None, at, keys[:, :, r:r + 1], values[:, :, r:r + 1])
         batch, heads, _, size = q.shape
         width = local.width(at)
         ring_k = local.keys[..., :width, :].flatten(0, 1)  # ((R-1)B, H, width, hs)

@@ -92,12 +92,15 @@ def trace_rows(out: Any) -> list[dict[str, int]]:
 
 
 def write_trace(path: Path, rows: list[dict[str, int]]) -> None:
+    from experiments.results import atomic_write, atomic_write_text
+
     if path.suffix == ".parquet":
         import pandas as pd
 
-        pd.DataFrame(rows, columns=["prompt", "step", "token", "depth"]).to_parquet(path)
+        frame = pd.DataFrame(rows, columns=["prompt", "step", "token", "depth"])
+        atomic_write(path, frame.to_parquet)
     elif path.suffix == ".json":
-        path.write_text(json.dumps(rows, indent=1))
+        atomic_write_text(path, json.dumps(rows, indent=1))
     else:
         fail(PROG, f"--out must end in .json or .parquet, got {str(path)!r}")
 

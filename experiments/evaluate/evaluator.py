@@ -40,7 +40,6 @@ import torch
 from torch import Tensor
 
 from experiments.evaluate import measure
-from experiments.evaluate.decode_latency import decode_ms_per_token
 from experiments.evaluate.measure import Trajectory
 from experiments.evaluate.rows import RowWriter
 from experiments.results.schema import RESULTS_COLUMNS, SAMPLES_COLUMNS, TRACES_COLUMNS
@@ -163,9 +162,6 @@ class _SplitEvaluator:
         flops_step = self.model.flops_per_token_step(self.batch.tokens.shape[1])
         readout = 2.0 * self.model.d_model * self.model.vocab_size
         self.rows.sweep(traj, self.sweep, flops_step, readout)
-        trained = self.trained.plan.loops  # decode latency next to the FLOPs, at training depth
-        self.rows.results([("fixed", trained, trained, "decode_ms_per_token",
-                            decode_ms_per_token(self.model, self.batch.tokens, trained))])
         candidates = [*self.cfg["budgets"], self.trained.plan.loops, self.sweep, self.loops]
         budgets = sorted({b for b in candidates
                           if b + 1 >= MIN_CLASSIFY_STATES and b <= self.loops})

@@ -139,14 +139,11 @@ def _sweep_section(sweep: pd.DataFrame, quality: str, split: str) -> str:
         return "## Quality vs loops\n\nNo model was trained with a fixed loop count in this run."
     columns = {"arch": "arch", "train_loops": "loops", quality: f"{quality} ({split})",
                "hard": f"{quality} (hard)", "loss": "loss", "flops_per_token": "FLOPs/token",
-               "decode_ms_per_token": "decode ms/token",
                "gain": "gain vs one loop fewer", "gain_per_gflop": "gain per added GFLOP/token"}
     return (f"## Quality vs loops\n\nEach model evaluated at its training depth on the `{split}` "
             f"split (`hard`: longer inputs). Gain is the change in {quality} from the model "
             "trained with one loop fewer (positive = better); its cost is the added FLOPs per "
-            "token; decode ms/token is `halting.generate`'s latency at that depth (batch 1, "
-            "one machine).\n\n"
-            + _markdown(sweep, {c: name for c, name in columns.items() if c in sweep.columns}))
+            "token.\n\n" + _markdown(sweep, columns))
 
 
 def _sweet_spot(sweep: pd.DataFrame, quality: str, n_eval: int) -> tuple[int, str]:
