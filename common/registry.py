@@ -48,6 +48,11 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))}"
             ) from None
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a test's temporary registration); a ``KeyError`` if it is unknown."""
+        self.get(name)
+        del self._items[name]
+
     def names(self) -> list[str]:
         return sorted(self._items)
 

@@ -1,6 +1,6 @@
 """``python -m experiments`` is the ``loopscope`` command (the Hydra app)."""
 
-from experiments.app import main
+from experiments.cli.app import main
 
 if __name__ == "__main__":
     main()

@@ -1,16 +1,45 @@
-"""The loop-controller contract: ``LoopController``, the per-step ``StepView``, ``LoopOutput``.
+"""The loop-controller protocol: ``LoopController`` with its declared ``Capabilities``.
 
-``run_loop`` (``halting.loop``) is the only place the loop is written. Each step it hands the
-controller a ``StepView`` of the rows still running and gets back a bool tensor of the rows (sample
-granularity, shape (n,)) or tokens (token granularity, shape (n, T)) that stop now, or ``None`` when
-nothing stops this step (the cheap answer: no host synchronisation). Everything a controller may
-read is computed lazily and cached on the view — logits, probabilities, the model's halt logit, the
-relative residual — so a controller pays only for what it reads.
+A run (``halting.run_loop``, or any other driver: decoding, replay) talks to a controller through
+three calls, in this order, once per run:
 
-Controllers keep per-run state in full-batch buffers indexed by ``view.rows`` (the original batch
-indices of the running rows), so compaction never scrambles it. Controllers with parameters
-(``q_halt``'s head) are ``nn.Module``s like every controller here; ``train()``/``eval()`` switch
-between their training and evaluation behaviour.
+1. ``controller.begin(state)`` with a fresh ``RunState`` (batch, sequence length, cap, min loops,
+   granularity, device, mode; per-unit buffers). The run owns the state; the controller reads it
+   as ``controller.run`` until ``finish``.
+2. ``controller.decide(view)`` after each step, with a ``StepView`` of the rows still running. It
+   returns a bool tensor of the rows (sample granularity, shape (n,)) or tokens (token
+   granularity, (n, T)) that stop now, or ``None`` when nothing stops (the cheap answer: no host
+   synchronisation). Everything it may read is computed lazily and cached on the view (logits,
+   probabilities, the model's halt logit, the relative residual), so it pays only for what it
+   reads. Per-unit state lives in ``state.buffers`` indexed by ``view.rows`` (original batch
+   indices), so compaction never scrambles it.
+3. ``controller.finish(draft)`` with the ``LoopDraft`` (depth, traces, per-step readouts, ...):
+   mixtures, training-time exits, aux tensors. A controller that declares ``provides_logits``
+   sets ``draft.logits`` here; the driver then turns the draft into a complete ``LoopOutput``.
+
+What a controller needs from the driver is declared, never probed: a frozen ``Capabilities`` on
+the class (``granularities``; ``static`` — never stops a row and reads nothing, so the driver may
+skip views and ``decide``; ``drives_loop`` — after loop 0 the controller runs the rest itself
+through its ``drive`` method; ``step_logits`` / ``provides_logits`` — ``never``, ``train`` or
+``always``). Besides the three calls a controller may override ``bind(model)`` (create heads of
+the model's width), ``planned_loops(max_loops)``, ``min_loops()``, ``loss_terms(out, targets)``
+and ``hparams()``.
+
+Driving a controller from other code (e.g. token-by-token decoding)::
+
+    training = set_run_mode(controller, model, "auto")       # halting.loop: the run's mode
+    controller.bind(model)
+    state = RunState(batch=B, seq_len=T, max_loops=K, granularity="sample", device=device,
+                     min_loops=max(1, controller.min_loops()), training=training)
+    controller.begin(state)
+    for k in range(K):                                       # rows: running original indices
+        z_new = model.step(z, ctx, k)
+        stop = controller.decide(StepView(model, ctx, k, z_new, z, rows, "sample", None, K))
+        ...                                                  # drop stopped rows, keep exits
+    controller.finish(draft)                                 # only to build a LoopOutput
+
+Modes: ``train()`` / ``eval()`` switch between a controller's training and evaluation behaviour;
+``run_loop`` sets the mode per run (see ``halting.loop``, "Modes").
 
 Training: ``controller.loss_terms(out, targets)`` returns named scalar losses whose sum is the
 training loss; the trainer adds them and never branches on the controller's type.
@@ -18,11 +47,12 @@ training loss; the trainer adds them and never branches on the controller's type
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,158 +60,95 @@ from torch import Tensor, nn
 
 from common.constants import GRANULARITIES, IGNORE_INDEX
 from common.registry import Registry, call_with_known
+from halting.state import LoopDraft, LoopOutput, RunState, StepView
 
 CONTROLLERS: Registry[type[LoopController]] = Registry("controller")
+WHEN = ("never", "train", "always")
+
+__all__ = ["CONTROLLERS", "GRANULARITIES", "IGNORE_INDEX", "Capabilities", "LoopController",
+           "LoopDraft", "LoopOutput", "RunState", "StepView", "build_controller", "task_loss"]
 
 
-@dataclass
-class LoopOutput:
-    """What ``run_loop`` returns.
-
-    Attributes:
-        logits: (B, T, V) each row's (or token's) readout at its own exit; ACT: its mixture.
-        depth: (B,) or (B, T) int64 loops used by each row / token.
-        executed: row-steps actually computed (token-steps at token granularity).
-        trace: per-step diagnostics, each (K, B) or (K, B, T) float with NaN where a row (token)
-            was not running; ``active`` is (K,) rows (tokens) computed per step.
-        states: (K+1, B, T, D) z_0..z_K when ``record=True`` (NaN for rows that had left).
-        step_logits: (K, B, T, V) per-step readouts, only when the controller needs them.
-        aux: differentiable per-step tensors a controller keeps for its loss (e.g. ``lambda``).
-        loss_terms: filled by ``controller.loss_terms`` (or ``run_loop(..., targets=...)``).
-        max_loops: the cap this run used.
-        granularity: ``sample`` or ``token``.
-        training: whether the controller ran in training mode.
-        flops: approximate FLOPs (see ``halting.loop`` docstring).
-    """
-
-    logits: Tensor
-    depth: Tensor
-    executed: int
-    trace: dict[str, Tensor] = field(default_factory=dict)
-    states: Tensor | None = None
-    step_logits: Tensor | None = None
-    aux: dict[str, Any] = field(default_factory=dict)
-    loss_terms: dict[str, Tensor] = field(default_factory=dict)
-    max_loops: int = 0
-    granularity: str = "sample"
-    training: bool = False
-    flops: float = 0.0
-
-    @property
-    def halted_at_cap(self) -> float:
-        """Share of rows (tokens) whose exit is the cap ``max_loops`` (collapse monitor)."""
-        return (self.depth == self.max_loops).float().mean().item()
-
-    @property
-    def mean_depth(self) -> float:
-        return self.depth.float().mean().item()
-
-    def exit_entropy(self) -> float:
-        """Entropy (nats) of the empirical exit-depth distribution; 0 when every exit is equal."""
-        counts = torch.bincount(self.depth.flatten(), minlength=self.max_loops + 1).float()
-        share = counts / counts.sum()
-        return float(-(torch.xlogy(share, share)).sum())
-
-
-class StepView:
-    """One step as a controller sees it; every derived quantity is computed on first use.
+@dataclass(frozen=True)
+class Capabilities:
+    """What a controller class needs from the run that drives it, declared once.
 
     Attributes:
-        k: 0-based index of the step just run; ``loops = k + 1`` loops are done.
-        z: (n, T, D) the new state of the running rows; ``z_prev`` the state before the step.
-        rows: (n,) int64 original batch indices of the running rows.
-        ctx: the ``LoopContext`` of the running rows.
-        active: (n, T) bool tokens still running (token granularity) or ``None``.
+        granularities: the granularities it supports.
+        static: ``decide`` never stops a row and reads nothing (``fixed``): the driver builds no
+            views and never calls ``decide`` (a near-bare loop).
+        drives_loop: after loop 0 (run by the driver on the whole batch) the controller runs the
+            remaining loops itself through ``drive`` (``solver``).
+        step_logits: when the driver keeps every step's readout in ``step_logits``: ``never``,
+            ``train`` (in training mode only) or ``always``.
+        provides_logits: when ``finish`` sets the logits itself (the driver then skips its exit
+            readout): ``never``, ``train`` or ``always``.
     """
 
-    def __init__(self, model: nn.Module, ctx: Any, k: int, z: Tensor, z_prev: Tensor,
-                 rows: Tensor, granularity: str, active: Tensor | None,
-                 max_loops: int) -> None:
-        self.model, self.ctx, self.k = model, ctx, k
-        self.z, self.z_prev, self.rows = z, z_prev, rows
-        self.granularity, self.active, self.max_loops = granularity, active, max_loops
-        self.readout_tokens = 0
-        self.logged: dict[str, Tensor] = {}
-        self._cache: dict[str, Tensor] = {}
+    granularities: tuple[str, ...] = GRANULARITIES
+    static: bool = False
+    drives_loop: bool = False
+    step_logits: str = "never"
+    provides_logits: str = "never"
 
-    @property
-    def loops(self) -> int:
-        return self.k + 1
+    def __post_init__(self) -> None:
+        for name in ("step_logits", "provides_logits"):
+            if getattr(self, name) not in WHEN:
+                raise ValueError(f"Capabilities.{name} must be one of {WHEN}, got "
+                                 f"{getattr(self, name)!r}")
+        if not set(self.granularities) <= set(GRANULARITIES) or not self.granularities:
+            raise ValueError(f"Capabilities.granularities must be a non-empty subset of "
+                             f"{GRANULARITIES}, got {self.granularities!r}")
+        if self.static and self.drives_loop:
+            raise ValueError("Capabilities: a controller is static or drives the loop, not both")
 
-    @property
-    def is_last(self) -> bool:
-        return self.loops >= self.max_loops
+    def keeps_step_logits(self, training: bool) -> bool:
+        return self.step_logits == "always" or (self.step_logits == "train" and training)
 
-    def logits(self) -> Tensor:
-        """(n, T, V) readout of the new state (computed once)."""
-        if "logits" not in self._cache:
-            self._cache["logits"] = self.model.readout(self.z, self.ctx)
-            self.readout_tokens += self.z.shape[0] * self.z.shape[1]
-        return self._cache["logits"]
-
-    def log_probs(self) -> Tensor:
-        """(n, T, V) float32 log-softmax of ``logits()``."""
-        if "log_probs" not in self._cache:
-            self._cache["log_probs"] = F.log_softmax(self.logits().float(), dim=-1)
-        return self._cache["log_probs"]
-
-    def probs(self) -> Tensor:
-        return self.log_probs().exp()
-
-    def halt_logit(self) -> Tensor:
-        """(n, T) the model's exit-gate logit at the new state."""
-        if "halt_logit" not in self._cache:
-            self._cache["halt_logit"] = self.model.halt_logit(self.z, self.ctx)
-        return self._cache["halt_logit"]
-
-    def token_residual(self) -> Tensor:
-        """(n, T) ||z_k - z_{k-1}|| / ||z_k|| per token (norm over D), float32, no grad."""
-        if "token_residual" not in self._cache:
-            with torch.no_grad():
-                diff = (self.z - self.z_prev).float().norm(dim=-1)
-                self._cache["token_residual"] = diff / self.z.float().norm(dim=-1).clamp_min(1e-12)
-        return self._cache["token_residual"]
-
-    def residual(self) -> Tensor:
-        """(n,) ||z_k - z_{k-1}|| / ||z_k|| over the whole row (T x D) — the trace's residual.
-
-        At token granularity the per-token value (n, T) is returned instead.
-        """
-        if self.granularity == "token":
-            return self.token_residual()
-        if "residual" not in self._cache:
-            with torch.no_grad():
-                diff = (self.z - self.z_prev).float().flatten(1).norm(dim=1)
-                norm = self.z.float().flatten(1).norm(dim=1).clamp_min(1e-12)
-                self._cache["residual"] = diff / norm
-        return self._cache["residual"]
-
-    def log(self, name: str, value: Tensor) -> None:
-        """Record a per-running-row (n,) or per-token (n, T) diagnostic under ``trace[name]``."""
-        self.logged[name] = value.detach()
+    def sets_logits(self, training: bool) -> bool:
+        return self.provides_logits == "always" or (self.provides_logits == "train" and training)
 
 
 class LoopController(nn.Module):
-    """Base class of every loop controller.
+    """Base class of every loop controller; see the module docstring for the protocol.
 
-    Subclasses set ``name`` (the registry key), ``granularities`` and override ``decide``; learned
-    controllers also override ``loss_terms`` and usually ``finish``.
-
-    Class attributes:
-        granularities: the granularities this controller supports.
-        static: ``True`` when ``decide`` never stops a row and reads nothing (``fixed``): run_loop
-            then skips building step views altogether.
+    Subclasses set ``name`` (the registry key) and ``capabilities`` and override ``decide``;
+    learned controllers also override ``loss_terms`` and usually ``finish``; a controller that
+    declares ``drives_loop`` overrides ``drive``.
     """
 
     name = "base"
-    granularities: tuple[str, ...] = GRANULARITIES
-    static = False
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.capabilities.drives_loop and cls.drive is LoopController.drive:
+            raise TypeError(f"{cls.__name__} declares drives_loop but does not define drive()")
 
     def __init__(self) -> None:
         super().__init__()
-        self._run: dict[str, Any] = {}
+        self._state: RunState | None = None
+        self.explicit_mode: bool | None = None
 
-    # -- per-run hooks -------------------------------------------------------------------------
+    @property
+    def granularities(self) -> tuple[str, ...]:
+        return self.capabilities.granularities
+
+    @property
+    def run(self) -> RunState:
+        """The ``RunState`` of the run in progress (set by ``begin``)."""
+        if self._state is None:
+            raise RuntimeError(f"controller {self.name!r}: call begin(RunState) before "
+                               "decide() or finish()")
+        return self._state
+
+    def train(self, mode: bool = True) -> LoopController:
+        """Set the mode, remembering that it was set by hand (``run_loop`` warns when a run's
+        mode disagrees with it; see ``halting.loop``)."""
+        self.explicit_mode = bool(mode)
+        return super().train(mode)
+
+    # -- the protocol --------------------------------------------------------------------------
     def bind(self, model: nn.Module) -> None:
         """Adapt to ``model`` (create heads of its width, check its vocabulary); idempotent.
 
@@ -189,6 +156,67 @@ class LoopController(nn.Module):
         ``controller.parameters()`` (``q_halt`` creates its Q-head here unless given ``d_model``).
         """
 
+    def planned_loops(self, max_loops: int) -> int:
+        """How many steps the loop runs at most under this controller (``fixed``: its ``loops``)."""
+        return max_loops
+
+    def min_loops(self) -> int:
+        """The controller's own lower bound on loops (combined with run_loop's ``min_loops``)."""
+        return 1
+
+    def begin(self, state: RunState) -> None:
+        """Start a run: keep ``state`` (read as ``self.run``); subclasses reset their own here."""
+        self._state = state
+
+    def decide(self, view: StepView) -> Tensor | None:
+        """Bool tensor of running rows (n,) / tokens (n, T) that stop after this step, or None."""
+        return None
+
+    def drive(self, model: nn.Module, ctx: Any, z1: Tensor, max_loops: int, record: bool) -> Any:
+        """Run loops 2..``max_loops`` from loop 1's state ``z1`` (``Capabilities.drives_loop``).
+
+        Returns a ``fixedpoint.Solution`` (``z``, per-sample ``steps``, ``evaluations``,
+        ``residuals`` (B, K), ``states``).
+        """
+        raise NotImplementedError(f"controller {self.name!r} does not drive the loop")
+
+    def finish(self, draft: LoopDraft) -> None:
+        """Post-process the draft (mixtures, training-time exits, aux tensors); default: none."""
+
+    def loss_terms(self, out: LoopOutput, targets: Tensor) -> dict[str, Tensor]:
+        """Named scalar training losses; default ``{"task": CE of the exit logits}``."""
+        terms = {"task": task_loss(out.logits, targets)}
+        out.loss_terms = terms
+        return terms
+
+    def hparams(self) -> dict[str, Any]:
+        """The constructor arguments (for logging and configs)."""
+        return {}
+
+    def guard_eval_loss(self, out: LoopOutput, terms: dict[str, Tensor]) -> None:
+        """Make backpropagating an evaluation-mode loss fail with a clear error.
+
+        For controllers whose training objective exists only in training mode (learned halting):
+        their evaluation-mode ``loss_terms`` is the task loss alone, so training on it would
+        silently drop the halting objective. Computing (and logging) that loss stays allowed;
+        ``backward`` through it raises.
+        """
+        if out.training:
+            return
+        name = self.name
+
+        def refuse(grad: Tensor) -> Tensor:
+            raise RuntimeError(
+                f"{name}: backward through the loss of an evaluation-mode run "
+                "(LoopOutput.training=False) would train without the halting objective (the "
+                "halting head gets no gradient); train in training mode (model.train(), or "
+                "run_loop(..., mode='train'))")
+
+        for term in terms.values():
+            if term.requires_grad:
+                term.register_hook(refuse)
+
+    # -- helpers -------------------------------------------------------------------------------
     def ensure_bound(self, model: nn.Module) -> None:
         """``bind``, warning when that created parameters in training mode (an optimiser built
         earlier would silently leave them untrained)."""
@@ -199,56 +227,8 @@ class LoopController(nn.Module):
                           "optimiser built before this does not train them. Call "
                           "controller.bind(model) before building the optimiser.", stacklevel=3)
 
-    def planned_loops(self, max_loops: int) -> int:
-        """How many steps the loop runs at most under this controller (``fixed``: its ``loops``)."""
-        return max_loops
-
-    def min_loops(self) -> int:
-        """The controller's own lower bound on loops (combined with run_loop's ``min_loops``)."""
-        return 1
-
-    def needs_step_logits(self) -> bool:
-        """Whether run_loop must keep every step's readout in ``LoopOutput.step_logits``."""
-        return False
-
-    def provides_logits(self) -> bool:
-        """Whether ``finish`` sets ``out.logits`` itself (run_loop then skips its exit readout)."""
-        return False
-
-    def begin(self, batch: int, seq_len: int, max_loops: int, granularity: str,
-              device: torch.device) -> None:
-        """Reset per-run state; called once per ``run_loop`` before step 0."""
-        unit = (batch,) if granularity == "sample" else (batch, seq_len)
-        self._run = {"unit": unit, "max_loops": max_loops, "granularity": granularity,
-                     "device": device}
-
-    def decide(self, view: StepView) -> Tensor | None:
-        """Bool tensor of running rows (n,) / tokens (n, T) that stop after this step, or None."""
-        return None
-
-    def finish(self, out: LoopOutput) -> None:
-        """Post-process the output (mixtures, training-time exits, aux tensors); default: none."""
-
-    def loss_terms(self, out: LoopOutput, targets: Tensor) -> dict[str, Tensor]:
-        """Named scalar training losses; default ``{"task": CE of the exit logits}``."""
-        terms = {"task": task_loss(out.logits, targets)}
-        out.loss_terms = terms
-        return terms
-
-    # -- helpers for subclasses ----------------------------------------------------------------
-    def buffer(self, name: str, fill: float = 0.0, dtype: torch.dtype = torch.float32) -> Tensor:
-        """A full-batch per-unit buffer ((B,) or (B, T)) kept for this run, created on first use."""
-        if name not in self._run:
-            self._run[name] = torch.full(self._run["unit"], fill, dtype=dtype,
-                                         device=self._run["device"])
-        return self._run[name]
-
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.hparams().items())
-
-    def hparams(self) -> dict[str, Any]:
-        """The constructor arguments (for logging and configs)."""
-        return {}
 
 
 def task_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -285,6 +265,18 @@ def check_range(name: str, value: Any, low: float, high: float, *, low_open: boo
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def controller_defaults(name: str) -> dict[str, Any]:
+    """``{"name": name, **every constructor parameter's default}`` of a registered controller.
+
+    The class signature is the one place a controller's defaults live; configs (the app's
+    ``controller/*.yaml``) are generated from this and only override it.
+    """
+    cls = CONTROLLERS.get(name)
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {"name": name, **{p.name: p.default for p in params
+                             if p.name != "self" and p.default is not inspect.Parameter.empty}}
 
 
 def build_controller(name_or_cfg: str | Mapping[str, Any] | LoopController,

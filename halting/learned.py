@@ -40,7 +40,9 @@ from torch import Tensor, nn
 
 from halting.base import (
     CONTROLLERS,
+    Capabilities,
     LoopController,
+    LoopDraft,
     LoopOutput,
     StepView,
     check_choice,
@@ -88,6 +90,7 @@ class AdaptiveComputationTime(LoopController):
     """
 
     name = "act"
+    capabilities = Capabilities(provides_logits="always")
 
     def __init__(self, eps: float = 0.01, tau: float = 0.01, pool: str = "last") -> None:
         super().__init__()
@@ -96,40 +99,34 @@ class AdaptiveComputationTime(LoopController):
         check_choice("act: pool", pool, POOLS)
         self.eps, self.tau, self.pool = eps, tau, pool
 
-    def provides_logits(self) -> bool:
-        return True
-
     def decide(self, view: StepView) -> Tensor:
+        run = self.run
         h = torch.sigmoid(pool_units(view.halt_logit(), view.granularity, self.pool).float())
-        if view.loops < self._run["min_loops"]:
+        if view.loops < run.min_loops:
             h = torch.zeros_like(h)
         running = torch.ones_like(h, dtype=torch.bool) if view.active is None else view.active
         h = h * running
-        cumulative = self._full("cumulative", view, h)[view.rows]
+        # Out-of-place updates: the remainder and the mixture carry the graph to the loss.
+        cumulative = run.buffer("cumulative")[view.rows]
         p, halts = act_step(cumulative, h, self.eps, view.is_last)
         halts = halts & running
         p = p * running
-        remainder = self._full("remainder", view, h)
-        self._run["remainder"] = remainder.index_put(
+        remainder = run.buffer("remainder")
+        run.buffers["remainder"] = remainder.index_put(
             (view.rows,), torch.where(halts, 1.0 - cumulative, remainder[view.rows]))
-        self._run["cumulative"] = self._run["cumulative"].index_put((view.rows,), cumulative + h)
+        run.buffers["cumulative"] = run.buffers["cumulative"].index_put((view.rows,),
+                                                                        cumulative + h)
         weighted = p.view(*p.shape, *([1] * (3 - p.dim()))) * view.logits().float()  # (n, T, V)
-        mixture = self._run.get("mixture")
-        if mixture is None:
-            mixture = weighted.new_zeros((self._run["unit"][0], *weighted.shape[1:]))
-        self._run["mixture"] = mixture.index_add(0, view.rows, weighted)
+        mixture = run.buffer("mixture", shape=(run.batch, *weighted.shape[1:]))
+        run.buffers["mixture"] = mixture.index_add(0, view.rows, weighted)
         view.log("halt_prob", h)
         return halts
 
-    def _full(self, name: str, view: StepView, like: Tensor) -> Tensor:
-        if name not in self._run:
-            self._run[name] = like.new_zeros(self._run["unit"])
-        return self._run[name]
-
-    def finish(self, out: LoopOutput) -> None:
-        out.logits = self._run["mixture"]
-        out.aux["remainder"] = self._run["remainder"]
-        out.aux["ponder_cost"] = ponder_cost(out.depth, self._run["remainder"])
+    def finish(self, draft: LoopDraft) -> None:
+        remainder = self.run.buffers["remainder"]
+        draft.logits = self.run.buffers["mixture"]
+        draft.aux["remainder"] = remainder
+        draft.aux["ponder_cost"] = ponder_cost(draft.depth, remainder)
 
     def loss_terms(self, out: LoopOutput, targets: Tensor) -> dict[str, Tensor]:
         terms = {"task": task_loss(out.logits, targets),
@@ -144,6 +141,8 @@ class AdaptiveComputationTime(LoopController):
 class GeometricHalting(LoopController):
     """Shared machinery of PonderNet, Ouro's exit gate and the halt token (see module docstring)."""
 
+    capabilities = Capabilities(step_logits="train", provides_logits="train")
+
     def __init__(self, beta: float, pool: str) -> None:
         super().__init__()
         check_range(f"{self.name}: beta", beta, 0.0, float("inf"), high_open=True)
@@ -155,24 +154,19 @@ class GeometricHalting(LoopController):
         halt_logit = pool_units(view.halt_logit(), view.granularity, self.pool)
         return torch.sigmoid(halt_logit.float())
 
-    def needs_step_logits(self) -> bool:
-        return self.training
-
-    def provides_logits(self) -> bool:
-        return self.training
-
     def decide(self, view: StepView) -> Tensor | None:
+        run = self.run
         lam = self.lambdas(view)
-        if view.loops < self._run["min_loops"]:  # no halting mass before min_loops
+        if view.loops < run.min_loops:  # no halting mass before min_loops
             lam = torch.zeros_like(lam)
         view.log("halt_prob", lam)
-        if self.training:
-            self._run.setdefault("lambdas", []).append(lam)  # every row runs: (B,) / (B, T)
+        if run.training:
+            run.append("lambdas", lam)  # every row runs: (B,) / (B, T)
             return None
         if view.active is not None:
             lam = lam * view.active
-        survive = self.buffer("survive", fill=1.0)
-        cdf = self.buffer("cdf")
+        survive = run.buffer("survive", fill=1.0)
+        cdf = run.buffer("cdf")
         cdf[view.rows] = cdf[view.rows] + lam.detach() * survive[view.rows]
         survive[view.rows] = survive[view.rows] * (1.0 - lam.detach())
         return self.eval_stop(lam.detach(), cdf[view.rows])
@@ -185,15 +179,15 @@ class GeometricHalting(LoopController):
         """The evaluation rule applied to a whole training trajectory: 1-based exit per unit."""
         raise NotImplementedError
 
-    def finish(self, out: LoopOutput) -> None:
-        if not self.training:
+    def finish(self, draft: LoopDraft) -> None:
+        if not draft.training:
             return
-        lambdas = torch.stack(self._run["lambdas"])  # (K, *U)
+        lambdas = torch.stack(self.run.steps["lambdas"])  # (K, *U)
         p = geometric_halting(lambdas)
-        out.aux.update(lambdas=lambdas, p=p)
+        draft.aux.update(lambdas=lambdas, p=p)
         with torch.no_grad():
-            out.depth = self.trajectory_exit(lambdas.detach(), p.detach())
-        out.logits = gather_exit(out.step_logits, out.depth)
+            draft.depth = self.trajectory_exit(lambdas.detach(), p.detach())
+        draft.logits = gather_exit(draft.step_logits, draft.depth)
 
     def regulariser(self, p: Tensor) -> tuple[str, Tensor]:
         """Named per-unit regulariser of the halting distribution (already multiplied by beta)."""
@@ -201,7 +195,9 @@ class GeometricHalting(LoopController):
 
     def loss_terms(self, out: LoopOutput, targets: Tensor) -> dict[str, Tensor]:
         if not out.training or "p" not in out.aux:
-            return super().loss_terms(out, targets)
+            terms = super().loss_terms(out, targets)
+            self.guard_eval_loss(out, terms)
+            return terms
         p = out.aux["p"]
         step_losses = per_step_losses(out.step_logits, targets, out.granularity)  # (K, *U)
         name, reg = self.regulariser(p)
@@ -315,14 +311,12 @@ class HaltToken(OuroGate):
         self.bound_token_id: int | None = token_id
 
     def bind(self, model: nn.Module) -> None:
-        config = getattr(model, "config", None)
-        vocab = getattr(config, "vocab_size", None)
-        token_id = self.token_id if self.token_id is not None else getattr(
-            config, "halt_token_id", None)
+        vocab = model.vocab_size
+        token_id = self.token_id if self.token_id is not None else model.halt_token_id
         if token_id is None:
-            raise ValueError("halt_token: the model has no halt token (config.halt_token_id is "
+            raise ValueError("halt_token: the model has no halt token (its halt_token_id is "
                              "None) and no token_id was given; set halt_token_id in ModelConfig")
-        if vocab is not None and not 0 <= token_id < vocab:
+        if not 0 <= token_id < vocab:
             raise ValueError(f"halt_token: token_id={token_id} is outside the vocabulary "
                              f"[0, {vocab - 1}]")
         self.bound_token_id = token_id

@@ -31,6 +31,19 @@ FLOPs (approximate): ``executed x model.flops_per_token_step(T) x T`` (x 1 at to
 where ``executed`` already counts tokens) plus ``2 D V`` per token read out (LM head only; prelude
 and coda layers are not counted).
 
+Modes: a controller's training and evaluation behaviour differ (learned halting runs every row to
+the cap in training for its expected loss and exits early in evaluation; ``q_halt`` explores only in
+training), so each run has exactly one mode and ``LoopOutput.training`` records it. By default
+(``mode="auto"``) it is the **model's** mode: ``model.eval()`` is enough, ``run_loop`` puts the
+controller in the same mode (``build_controller`` returns a controller in training mode, as every
+``nn.Module``; that is not a choice and never overrides the model). ``mode="train"`` /
+``mode="eval"`` force the controller's mode regardless of the model (the model's own mode — dropout
+— stays the caller's: ``run_loop`` never changes it). A controller switched by hand
+(``controller.train()`` / ``.eval()``) to the other mode than the model gets a warning under
+``auto`` and follows the model. An evaluation-mode loss of a learned controller is the task loss
+alone (its halting objective exists only in training), so ``backward`` through it raises instead of
+silently training without that objective; computing and logging it stays allowed.
+
 Truncated backpropagation (Huginn, arXiv 2502.05171): with ``grad_steps=n`` only the last ``n``
 planned steps build a graph (earlier ones run under ``no_grad``); gradients still reach the
 embeddings through the input injection. For adaptive controllers "last" means the last ``n`` of
@@ -41,19 +54,31 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from common.constants import TOKEN_POLICIES
-from halting.base import GRANULARITIES, LoopController, LoopOutput, StepView, build_controller
+from halting.base import (
+    GRANULARITIES,
+    LoopController,
+    LoopDraft,
+    LoopOutput,
+    RunState,
+    StepView,
+    build_controller,
+)
+
+MODES = ("auto", "train", "eval")
 
 
 def run_loop(model: nn.Module, tokens: Tensor, controller: LoopController | str | dict, *,
              max_loops: int, min_loops: int = 1, granularity: str = "sample",
              record: bool = False, token_policy: str = "frozen", grad_steps: int | None = None,
-             targets: Tensor | None = None) -> LoopOutput:
+             targets: Tensor | None = None, mode: str = "auto",
+             generator: torch.Generator | None = None) -> LoopOutput:
     """Run ``model``'s loop on ``tokens`` under ``controller``.
 
     Args:
@@ -67,6 +92,13 @@ def run_loop(model: nn.Module, tokens: Tensor, controller: LoopController | str 
         token_policy: ``frozen`` or ``evolving`` (token granularity; see module docstring).
         grad_steps: backpropagate through the last ``grad_steps`` steps only.
         targets: (B, T) int64 (-100 = ignore); when given, ``loss_terms`` is filled.
+        mode: the controller's mode for this run: ``auto`` (default) follows ``model.training``;
+            ``train`` / ``eval`` force it. Recorded in ``LoopOutput.training`` (see module
+            docstring, "Modes").
+        generator: passed to ``model.init_state(ctx, generator=...)`` for a random initial
+            state (``recurrent_depth``): a seeded ``torch.Generator`` on the tokens' device makes
+            the run reproducible without touching torch's global RNG. ``None``: the model's
+            default (the global RNG).
 
     Returns:
         LoopOutput.
@@ -77,25 +109,51 @@ def run_loop(model: nn.Module, tokens: Tensor, controller: LoopController | str 
     controller = build_controller(controller)
     _validate(model, tokens, controller, max_loops, min_loops, granularity, token_policy,
               grad_steps)
+    training = set_run_mode(controller, model, mode)
     controller.ensure_bound(model)
-    planned = controller.planned_loops(max_loops)
     ctx = model.prepare(tokens)
-    z0 = model.init_state(ctx)
+    z0 = model.init_state(ctx) if generator is None else model.init_state(ctx,
+                                                                          generator=generator)
     batch, seq_len = tokens.shape
-    controller.begin(batch, seq_len, max_loops, granularity, tokens.device)
-    controller._run["min_loops"] = max(min_loops, controller.min_loops())
-    run = _Run(model, ctx, z0, controller, planned, granularity, token_policy, record, grad_steps)
-    if getattr(controller, "drives_loop", False):
+    state = RunState(batch=batch, seq_len=seq_len, max_loops=max_loops,
+                     min_loops=max(min_loops, controller.min_loops()), granularity=granularity,
+                     device=tokens.device, training=training)
+    controller.begin(state)
+    run = _Run(model, ctx, z0, controller, state, token_policy, record, grad_steps)
+    capabilities = controller.capabilities
+    if capabilities.drives_loop:
         run.execute_driven()
-    elif controller.static:
+    elif capabilities.static:
         run.execute_static()
     else:
         run.execute()
-    out = run.output(max_loops)
-    controller.finish(out)
+    draft = run.draft()
+    controller.finish(draft)
+    out = draft.complete(controller.name)
+    out.flops = run.flops(out.executed)
     if targets is not None:
         controller.loss_terms(out, targets)
     return out
+
+
+def set_run_mode(controller: LoopController, model: nn.Module, mode: str = "auto") -> bool:
+    """Put ``controller`` in the run's mode and return it (``True`` = training).
+
+    ``auto`` takes the model's mode. A controller whose mode was set by hand (``.train()`` /
+    ``.eval()``) to the other mode gets a warning under ``auto``: the model's mode wins.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    training = bool(model.training) if mode == "auto" else mode == "train"
+    if mode == "auto" and controller.explicit_mode is not None and \
+            controller.explicit_mode != training:
+        was, now = ("train", "eval") if controller.explicit_mode else ("eval", "train")
+        warnings.warn(f"controller {controller.name!r} was set to {was} mode but the model is in "
+                      f"{now} mode; run_loop follows the model (mode='auto') and runs it in {now} "
+                      f"mode. Pass mode='{was}' to run_loop to run it in {was} mode.",
+                      stacklevel=3)
+    nn.Module.train(controller, training)  # not a hand-set mode: keeps ``explicit_mode``
+    return training
 
 
 def _validate(model: Any, tokens: Any, controller: LoopController, max_loops: Any,
@@ -128,19 +186,22 @@ class _Run:
     """The mutable state of one ``run_loop`` call (kept in one place so steps stay short)."""
 
     def __init__(self, model: nn.Module, ctx: Any, z0: Tensor, controller: LoopController,
-                 planned: int, granularity: str, token_policy: str, record: bool,
+                 state: RunState, token_policy: str, record: bool,
                  grad_steps: int | None) -> None:
-        self.model, self.ctx_full, self.controller = model, ctx, controller
-        self.planned, self.granularity, self.record = planned, granularity, record
+        self.model, self.ctx_full, self.controller, self.state = model, ctx, controller, state
+        planned = controller.planned_loops(state.max_loops)
+        self.planned, self.granularity, self.record = planned, state.granularity, record
+        self.static = controller.capabilities.static
+        self.keep_step_logits = controller.capabilities.keeps_step_logits(state.training)
         self.frozen = token_policy == "frozen"
         self.grad_from = 0 if grad_steps is None else max(0, planned - grad_steps)
         self.batch, self.seq_len = z0.shape[0], z0.shape[1]
-        self.unit = (self.batch,) if granularity == "sample" else (self.batch, self.seq_len)
+        self.unit = state.unit
         # The running rows: their original indices, state, context and running tokens.
         self.rows = torch.arange(self.batch, device=z0.device)
         self.z, self.ctx = z0, ctx
         self.tok_active: Tensor | None = None
-        if granularity == "token":
+        if self.granularity == "token":
             self.tok_active = torch.ones(self.unit, dtype=torch.bool, device=z0.device)
         self.exit_state = z0
         self.depth = torch.zeros(self.unit, dtype=torch.long, device=z0.device)
@@ -160,7 +221,7 @@ class _Run:
         return contextlib.nullcontext()
 
     def _step(self, k: int) -> Tensor:
-        masked = self.frozen and k > 0 and not self.controller.static
+        masked = self.frozen and k > 0 and not self.static
         active = self.tok_active if masked else None
         with self._grad_context(k):
             if active is None:
@@ -214,14 +275,14 @@ class _Run:
 
     def execute(self) -> None:
         """The adaptive loop: decide, compact, scatter back."""
-        min_loops = self.controller._run["min_loops"]
+        min_loops = self.state.min_loops
         for k in range(self.planned):
             z_new = self._step(k)
             self._count_executed(k)
             view = StepView(self.model, self.ctx, k, z_new, self.z, self.rows, self.granularity,
                             self.tok_active, self.planned)
             stop = self.controller.decide(view)
-            if self.controller.needs_step_logits():
+            if self.keep_step_logits:
                 self.step_logits.append(self._scatter_full(view.logits(), math.nan))
             self.readout_tokens += view.readout_tokens
             self._record_step(z_new, self.z, view.logged, view)
@@ -317,27 +378,24 @@ class _Run:
         return trace
 
     # -- the output ----------------------------------------------------------------------------
-    def output(self, max_loops: int) -> LoopOutput:
+    def draft(self) -> LoopDraft:
         logits = None
-        if not self.controller.provides_logits():
+        if not self.controller.capabilities.sets_logits(self.state.training):
             logits = self.model.readout(self.exit_state, self.ctx_full)
             self.readout_tokens += self.batch * self.seq_len
-        executed = int(self.executed)
-        out = LoopOutput(
-            logits=logits, depth=self.depth, executed=executed, trace=self._stacked_traces(),
+        return LoopDraft(
+            logits=logits, depth=self.depth, executed=int(self.executed),
+            trace=self._stacked_traces(),
             states=torch.stack(self.states) if self.record else None,  # (K+1, B, T, D)
             step_logits=torch.stack(self.step_logits) if self.step_logits else None,
-            max_loops=max_loops, granularity=self.granularity,
-            training=self.controller.training)
-        out.flops = self._flops(executed, logits)
-        return out
+            max_loops=self.state.max_loops, granularity=self.granularity,
+            training=self.state.training)
 
-    def _flops(self, executed: int, logits: Tensor | None) -> float:
+    def flops(self, executed: int) -> float:
         try:
             per_token = float(self.model.flops_per_token_step(self.seq_len))
         except NotImplementedError:
             per_token = math.nan
         tokens_per = 1 if self.granularity == "token" else self.seq_len
-        vocab = logits.shape[-1] if logits is not None else self.model.config.vocab_size
-        readout = 2.0 * self.z0.shape[-1] * vocab * self.readout_tokens
+        readout = 2.0 * self.model.d_model * self.model.vocab_size * self.readout_tokens
         return executed * per_token * tokens_per + readout

@@ -14,8 +14,8 @@ Training (one ``run_loop`` call plays HRM's sequence of deep-supervision segment
 all ``max_loops`` steps so every step's readout and Q values exist. Each sample's exit is its first
 step at which the halting rule holds and which is at least its exploration minimum (with
 probability ``explore`` a random minimum in [2, max_loops], HRM's ``halt_exploration_prob``; never
-below ``min_loops``), else the cap. Over the steps up to the exit the loss is, per sample and then
-averaged over samples:
+below ``min_loops``; at ``max_loops=1`` there is nothing to explore), else the cap. Over the steps
+up to the exit the loss is, per sample and then averaged over samples:
 
 * ``task``: the mean LM loss of those steps (deep supervision);
 * ``q_halt``: 0.5 x BCE(q_halt_n, [the sample is fully correct at step n]);
@@ -36,7 +36,9 @@ from torch import Tensor, nn
 from halting.base import (
     CONTROLLERS,
     IGNORE_INDEX,
+    Capabilities,
     LoopController,
+    LoopDraft,
     LoopOutput,
     StepView,
     check_choice,
@@ -61,7 +63,8 @@ class QHalt(LoopController):
     """
 
     name = "q_halt"
-    granularities = ("sample",)
+    capabilities = Capabilities(granularities=("sample",), step_logits="train",
+                                provides_logits="train")
 
     def __init__(self, explore: float = 0.1, mode: str = "hrm", d_model: int | None = None,
                  pool: str = "last", seed: int = 0) -> None:
@@ -82,18 +85,12 @@ class QHalt(LoopController):
         nn.init.constant_(self.head.bias, -5.0)
 
     def bind(self, model: nn.Module) -> None:
-        d_model = model.config.d_model
+        d_model = model.d_model
         if self.head is None:
             self._make_head(d_model, device=next(model.parameters()).device)
         elif self.head.in_features != d_model:
             raise ValueError(f"q_halt: head width {self.head.in_features} != model d_model "
                              f"{d_model}")
-
-    def needs_step_logits(self) -> bool:
-        return self.training
-
-    def provides_logits(self) -> bool:
-        return self.training
 
     def q_values(self, z: Tensor) -> Tensor:
         """(n, 2) float32 (q_halt, q_continue) of states z (n, T, D)."""
@@ -114,8 +111,8 @@ class QHalt(LoopController):
         q = self.q_values(view.z)
         view.log("q_halt", q[:, 0])
         view.log("q_continue", q[:, 1])
-        if self.training:
-            self._run.setdefault("q", []).append(q)  # every row runs: (B, 2)
+        if self.run.training:
+            self.run.append("q", q)  # every row runs: (B, 2)
             return None
         return self.halts(q.detach())
 
@@ -123,6 +120,8 @@ class QHalt(LoopController):
         if self._generator is None:
             self._generator = torch.Generator().manual_seed(self.seed)
         explore = torch.rand(batch, generator=self._generator) < self.explore
+        if max_loops < 2:  # HRM's random minimum lies in [2, max_loops]: nothing to explore
+            return torch.ones(batch, dtype=torch.long, device=device)
         minimum = torch.randint(2, max_loops + 1, (batch,), generator=self._generator)
         return torch.where(explore, minimum, 1).to(device)
 
@@ -139,23 +138,24 @@ class QHalt(LoopController):
             self._generator = torch.Generator()
             self._generator.set_state(saved)
 
-    def finish(self, out: LoopOutput) -> None:
-        if not self.training:
+    def finish(self, draft: LoopDraft) -> None:
+        if not draft.training:
             return
-        q = torch.stack(self._run["q"])  # (K, B, 2)
+        q = torch.stack(self.run.steps["q"])  # (K, B, 2)
         steps, batch = q.shape[:2]
-        minimum = self._exploration_minimum(batch, steps, q.device).clamp_min(
-            self._run["min_loops"])
+        minimum = self._exploration_minimum(batch, steps, q.device).clamp_min(self.run.min_loops)
         loops = torch.arange(1, steps + 1, device=q.device).unsqueeze(1)  # (K, 1)
         stops = self.halts(q.detach()) & (loops >= minimum)  # (K, B)
         stops[-1] = True
-        out.depth = stops.float().argmax(dim=0) + 1
-        out.logits = gather_exit(out.step_logits, out.depth)
-        out.aux.update(q=q, exploration_min=minimum)
+        draft.depth = stops.float().argmax(dim=0) + 1
+        draft.logits = gather_exit(draft.step_logits, draft.depth)
+        draft.aux.update(q=q, exploration_min=minimum)
 
     def loss_terms(self, out: LoopOutput, targets: Tensor) -> dict[str, Tensor]:
         if not out.training or "q" not in out.aux:
-            return super().loss_terms(out, targets)
+            terms = super().loss_terms(out, targets)
+            self.guard_eval_loss(out, terms)
+            return terms
         q = out.aux["q"]  # (K, B, 2)
         steps = q.shape[0]
         lm = per_step_losses(out.step_logits, targets, "sample")  # (K, B)

@@ -21,6 +21,10 @@ uses the two-hit rule: below threshold on two consecutive checks; its threshold 
 [inferred]. A unit stops once ``patience`` consecutive checks pass (checks every ``check_every``
 loops, never before ``min_loops``).
 
+Each criterion declares the range of its value (``Criterion.high``): ``argmax`` is 0 or 1 and
+``cosine`` lies in [0, 2], so a threshold above that bound could never fail — a disguised fixed exit
+— and is refused. "Unchanged for N loops" is ``patience=N``, not a threshold.
+
 At sample granularity the per-token values are reduced over the sample's tokens with ``reduce``:
 ``max`` (default: the sample stops when its least-converged token has converged) or ``mean``.
 At token granularity each token decides for itself.
@@ -28,18 +32,46 @@ At token granularity each token decides for itself.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from common.registry import Registry
-from halting.base import CONTROLLERS, LoopController, StepView, check_choice, check_range
+from halting.base import (
+    CONTROLLERS,
+    Capabilities,
+    LoopController,
+    RunState,
+    StepView,
+    check_choice,
+    check_range,
+)
 
-# name -> (value function, default threshold, default patience)
-CRITERIA: Registry[tuple[Callable[[StepView, Any], Tensor], float, int]] = Registry(
-    "convergence criterion")
+
+class Criterion(NamedTuple):
+    """A convergence criterion: its value per token and the defaults that go with it.
+
+    Attributes:
+        value: ``value(view, state) -> (n, T)`` float, ``inf`` where not yet defined; it may keep
+            the previous step's tensors in ``state`` (``RunState.swap``).
+        threshold: default threshold (passes when ``value < threshold``).
+        patience: default number of consecutive passing checks.
+        high: the largest threshold that can still fail: the value never exceeds it once
+            defined (``inf`` when unbounded), so a threshold above it is refused.
+        meaning: the value's range in words (for that refusal's message).
+    """
+
+    value: Callable[[StepView, RunState], Tensor]
+    threshold: float
+    patience: int
+    high: float = math.inf
+    meaning: str = "unbounded"
+
+
+CRITERIA: Registry[Criterion] = Registry("convergence criterion")
 
 
 @CONTROLLERS.register("fixed")
@@ -50,7 +82,7 @@ class FixedLoops(LoopController):
     """
 
     name = "fixed"
-    static = True
+    capabilities = Capabilities(static=True)
 
     def __init__(self, loops: int | None = None) -> None:
         super().__init__()
@@ -70,77 +102,60 @@ class FixedLoops(LoopController):
         return {"loops": self.loops}
 
 
-class _PerRowMemory:
-    """Previous-step tensors of each row, kept in full-batch buffers indexed by ``view.rows``."""
-
-    def __init__(self, batch: int) -> None:
-        self.batch = batch
-        self.buffers: dict[str, Tensor] = {}
-
-    def swap(self, name: str, view: StepView, current: Tensor) -> Tensor | None:
-        """Store ``current`` for the running rows; return what they stored last step (or None)."""
-        current = current.detach()
-        full = self.buffers.get(name)
-        previous = None if full is None or view.k == 0 else full[view.rows]
-        if full is None:
-            full = current.new_zeros((self.batch, *current.shape[1:]))
-        full[view.rows] = current
-        self.buffers[name] = full
-        return previous
-
-
 def _inf_like(view: StepView) -> Tensor:
     return torch.full(view.z.shape[:2], float("inf"), device=view.z.device)
 
 
-def _residual(view: StepView, memory: _PerRowMemory) -> Tensor:
+def _residual(view: StepView, state: RunState) -> Tensor:
     return view.token_residual()
 
 
-def _kl(view: StepView, memory: _PerRowMemory) -> Tensor:
+def _kl(view: StepView, state: RunState) -> Tensor:
     log_p = view.log_probs().detach()
-    log_prev = memory.swap("log_probs", view, log_p)
+    log_prev = state.swap("log_probs", view.rows, log_p)
     if log_prev is None:
         return _inf_like(view)
     return (log_prev.exp() * (log_prev - log_p)).sum(dim=-1)  # KL(p_{k-1} || p_k)
 
 
-def _entropy(view: StepView, memory: _PerRowMemory) -> Tensor:
+def _entropy(view: StepView, state: RunState) -> Tensor:
     log_p = view.log_probs().detach()
     entropy = -(log_p.exp() * log_p).sum(dim=-1)  # (n, T)
-    previous = memory.swap("entropy", view, entropy)
+    previous = state.swap("entropy", view.rows, entropy)
     return _inf_like(view) if previous is None else (entropy - previous).abs()
 
 
-def _cosine(view: StepView, memory: _PerRowMemory) -> Tensor:
+def _cosine(view: StepView, state: RunState) -> Tensor:
     with torch.no_grad():
         cos = torch.nn.functional.cosine_similarity(view.z.float(), view.z_prev.float(), dim=-1)
     return 1.0 - cos
 
 
-def _argmax(view: StepView, memory: _PerRowMemory) -> Tensor:
+def _argmax(view: StepView, state: RunState) -> Tensor:
     top = view.logits().detach().argmax(dim=-1)  # (n, T)
-    previous = memory.swap("argmax", view, top)
+    previous = state.swap("argmax", view.rows, top)
     if previous is None:
         return _inf_like(view)
     return (top != previous).float()
 
 
-def _acceleration(view: StepView, memory: _PerRowMemory) -> Tensor:
+def _acceleration(view: StepView, state: RunState) -> Tensor:
     with torch.no_grad():
         delta = (view.z - view.z_prev).float()  # (n, T, D)
-        previous = memory.swap("delta", view, delta)
+        previous = state.swap("delta", view.rows, delta)
         if previous is None:
             return _inf_like(view)
         return (delta - previous).norm(dim=-1) / view.z.float().norm(dim=-1).clamp_min(1e-12)
 
 
-CRITERIA.register("residual", (_residual, 0.03, 1))
-CRITERIA.register("kl", (_kl, 1e-3, 1))
-CRITERIA.register("entropy", (_entropy, 1e-3, 1))
-CRITERIA.register("cosine", (_cosine, 1e-3, 1))
-CRITERIA.register("argmax", (_argmax, 0.5, 5))
-CRITERIA.register("acceleration", (_acceleration, 0.03, 2))
+CRITERIA.register("residual", Criterion(_residual, 0.03, 1))
+CRITERIA.register("kl", Criterion(_kl, 1e-3, 1))
+CRITERIA.register("entropy", Criterion(_entropy, 1e-3, 1))
+CRITERIA.register("cosine", Criterion(_cosine, 1e-3, 1, 2.0, "1 - cos, in [0, 2]"))
+CRITERIA.register("argmax", Criterion(
+    _argmax, 0.5, 5, 1.0, "0 or 1 (the top token changed); for 'unchanged for N loops' set "
+    "patience=N"))
+CRITERIA.register("acceleration", Criterion(_acceleration, 0.03, 2))
 
 
 @CONTROLLERS.register("convergence")
@@ -162,12 +177,16 @@ class ConvergenceExit(LoopController):
     def __init__(self, criterion: str = "kl", threshold: float | None = None, min_loops: int = 1,
                  check_every: int = 1, patience: int | None = None, reduce: str = "max") -> None:
         super().__init__()
-        self.value_fn, default_threshold, default_patience = CRITERIA.get(criterion)
-        self.criterion = criterion
-        self.threshold = default_threshold if threshold is None else threshold
-        self.patience = default_patience if patience is None else patience
+        spec = CRITERIA.get(criterion)
+        self.value_fn, self.criterion = spec.value, criterion
+        self.threshold = spec.threshold if threshold is None else threshold
+        self.patience = spec.patience if patience is None else patience
         check_range("convergence: threshold", self.threshold, 0.0, float("inf"), low_open=True,
                     high_open=True)
+        if self.threshold > spec.high:
+            raise ValueError(f"convergence: threshold={self.threshold!r} can never fail for "
+                             f"criterion {criterion!r}, whose value is {spec.meaning}; use a "
+                             f"threshold in (0, {spec.high:g}]")
         check_range("convergence: min_loops", min_loops, 1, float("inf"), integer=True)
         check_range("convergence: check_every", check_every, 1, float("inf"), integer=True)
         check_range("convergence: patience", self.patience, 1, float("inf"), integer=True)
@@ -177,19 +196,14 @@ class ConvergenceExit(LoopController):
     def min_loops(self) -> int:
         return self._min_loops
 
-    def begin(self, batch: int, seq_len: int, max_loops: int, granularity: str,
-              device: torch.device) -> None:
-        super().begin(batch, seq_len, max_loops, granularity, device)
-        self._run["memory"] = _PerRowMemory(batch)
-
     def decide(self, view: StepView) -> Tensor | None:
-        value = self.value_fn(view, self._run["memory"]).nan_to_num(nan=float("inf"))  # (n, T)
+        value = self.value_fn(view, self.run).nan_to_num(nan=float("inf"))  # (n, T)
         if view.granularity == "sample":
             value = value.amax(dim=1) if self.reduce == "max" else value.mean(dim=1)
         view.log(self.criterion, value)
         if view.loops % self.check_every:
             return None
-        streak = self.buffer("streak", dtype=torch.long)
+        streak = self.run.buffer("streak", dtype=torch.long)
         passed = value < self.threshold
         updated = torch.where(passed, streak[view.rows] + 1, 0)
         streak[view.rows] = updated

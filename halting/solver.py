@@ -25,7 +25,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from common.constants import BACKWARDS, STOP_MODES
-from halting.base import CONTROLLERS, LoopController, check_choice, check_range
+from halting.base import CONTROLLERS, Capabilities, LoopController, check_choice, check_range
 
 
 @CONTROLLERS.register("solver")
@@ -43,8 +43,7 @@ class SolverController(LoopController):
     """
 
     name = "solver"
-    granularities = ("sample",)
-    drives_loop = True
+    capabilities = Capabilities(granularities=("sample",), drives_loop=True)
 
     def __init__(self, solver: str = "anderson", tol: float = 1e-3, max_iter: int | None = None,
                  backward: str = "implicit", stop_mode: str = "rel",
@@ -71,7 +70,8 @@ class SolverController(LoopController):
 
     def drive(self, model: nn.Module, ctx: Any, z1: Tensor, max_loops: int,
               record: bool) -> Any:
-        """Solve from the first loop's state ``z1``; returns ``fixedpoint.Solution``."""
+        """Solve from the first loop's state ``z1`` (the declared ``drives_loop`` step: run_loop
+        runs loop 0, then calls this); returns ``fixedpoint.Solution``."""
         from fixedpoint.solve import solve
 
         def block(z: Tensor, sub: Any) -> Tensor:  # sub: ctx sliced to the active rows

@@ -13,6 +13,51 @@ passing ``ctx.select(rows)`` and the matching rows of ``z`` (sample-granularity 
 pass ``active`` — a (B, T) bool mask — for token granularity: only active positions are computed;
 inactive positions keep their input state exactly and stay visible to the others as context
 through the per-layer keys/values cached the last time they were computed (the *frozen* policy).
+
+What a ``LoopedModel`` must expose
+----------------------------------
+This is everything code outside ``models/`` (``halting``, ``experiments``) may use, so an adapter
+of a foreign model (e.g. a Hugging Face causal LM whose middle layers are looped) implements
+exactly this and nothing more. It is an ``nn.Module`` (``parameters``, ``train``/``eval``,
+``state_dict``) with:
+
+``prepare(tokens, *, capture_attention=False) -> LoopContext``
+    ``tokens`` (B, T) int64. Builds what every step reads besides the state. ``ctx.inject``
+    (B, T, D) is required (the state has its shape, dtype and device); other per-batch tensors go
+    into ``ctx.cache`` / ``ctx.extras`` (batch-first, so ``select`` slices them). With
+    ``capture_attention`` set ``ctx.attention = []`` and append records to it (see
+    ``LoopContext``); an adapter may leave it ``None`` (attention diagnostics are then skipped).
+``init_state(ctx, generator=None) -> Tensor``
+    z_0 (B, T, D). A random initial state (``recurrent_depth``) draws from ``generator`` (a
+    ``torch.Generator`` on the state's device) when given, else from torch's global RNG;
+    deterministic models accept and ignore it. ``run_loop(..., generator=g)`` passes it on.
+``step(z, ctx, k, active=None) -> Tensor``
+    One application of the looped block; ``k`` is the 0-based loop index. Must work on any
+    subset of rows: ``step(z[rows], ctx.select(rows), k)`` (sample-granularity compaction).
+    ``active`` (B, T) bool (token granularity): compute only the active positions and return the
+    inactive ones unchanged; a model that cannot save that compute may compute every position
+    and return ``torch.where(active[..., None], new, z)`` (correct, without the savings). Loop 0
+    always runs on the full batch, so a step may write ``ctx.cache`` there.
+``readout(z, ctx) -> Tensor``
+    (B, T, V) logits of a state.
+``halt_logit(z, ctx) -> Tensor``
+    (B, T) logit of the learned exit gate (``act``, ``pondernet``, ``ouro_gate``); a model without
+    one raises ``NotImplementedError`` and those controllers cannot run on it.
+``forward(tokens, loops, generator=None) -> Tensor``
+    ``readout`` after ``loops`` steps from ``init_state``; must equal
+    ``run_loop(model, tokens, "fixed", max_loops=loops).logits``.
+``flops_per_token_step(seq_len) -> float``
+    Approximate FLOPs of one ``step`` per token; ``NotImplementedError`` is allowed (FLOP columns
+    are then NaN).
+
+and four read-only properties: ``vocab_size`` (V), ``d_model`` (D), ``halt_token_id`` (the
+reserved token ``halt_token`` reads, or ``None``) and ``nilpotent_step`` (see below). The base
+class implements them from ``self.config`` (the ``ModelConfig`` of the built architectures); an
+adapter without a ``ModelConfig`` overrides them. Nobody outside ``models/`` reads
+``model.config``.
+
+``LoopContext`` is a dataclass; an adapter may subclass it to add fields, as long as ``select``
+keeps slicing every batch-first tensor.
 """
 
 from __future__ import annotations
@@ -77,14 +122,19 @@ def _index_tree(tree: Any, rows: Tensor) -> Any:
 
 
 class LoopedModel(nn.Module):
-    """Base class: one shared block applied ``loops`` times between an input map and a readout."""
+    """Base class: one shared block applied ``loops`` times between an input map and a readout.
+
+    The interface callers may use is listed in the module docstring ("What a LoopedModel must
+    expose").
+    """
 
     config: ModelConfig
 
     def prepare(self, tokens: Tensor, *, capture_attention: bool = False) -> LoopContext:
         raise NotImplementedError
 
-    def init_state(self, ctx: LoopContext) -> Tensor:
+    def init_state(self, ctx: LoopContext, generator: torch.Generator | None = None) -> Tensor:
+        """z_0 (B, T, D); a random one draws from ``generator`` when given."""
         raise NotImplementedError
 
     def step(self, z: Tensor, ctx: LoopContext, k: int, active: Tensor | None = None) -> Tensor:
@@ -92,12 +142,16 @@ class LoopedModel(nn.Module):
         raise NotImplementedError
 
     def readout(self, z: Tensor, ctx: LoopContext) -> Tensor:
+        """(B, T, V) logits of the state ``z``."""
         raise NotImplementedError
 
     def halt_logit(self, z: Tensor, ctx: LoopContext) -> Tensor:
+        """(B, T) exit-gate logit at the state ``z`` (learned halting)."""
         raise NotImplementedError
 
-    def forward(self, tokens: Tensor, loops: int) -> Tensor:
+    def forward(self, tokens: Tensor, loops: int,
+                generator: torch.Generator | None = None) -> Tensor:
+        """``readout`` after ``loops`` steps from ``init_state(ctx, generator)``."""
         raise NotImplementedError
 
     def flops_per_token_step(self, seq_len: int) -> float:

@@ -7,6 +7,7 @@ Fields that only one architecture reads say so. Unknown fields are rejected by
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,8 +113,12 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError``/``KeyError`` naming the bad value and what is allowed."""
-        if self.arch not in ARCHS:
-            raise KeyError(f"unknown architecture {self.arch!r}; known: {', '.join(ARCHS)}")
+        from models.looped import ARCH_REGISTRY  # here: looped imports this module
+
+        # the registry, not a fixed list: a new architecture is its module alone
+        if self.arch not in ARCH_REGISTRY:
+            known = [*ARCHS, *(name for name in ARCH_REGISTRY if name not in ARCHS)]
+            raise KeyError(f"unknown architecture {self.arch!r}; known: {', '.join(known)}")
 
         def positive(name: str) -> None:
             value = getattr(self, name)
@@ -158,10 +163,14 @@ class ModelConfig:
             )
         if self.mlp not in MLPS:
             raise ValueError(f"mlp must be one of {MLPS}, got {self.mlp!r}")
-        for name in ("clp_a", "clp_b"):
+        for name in ("clp_a", "clp_b", "dropout", "rope_base", "init_scale", "residual_scale"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a real number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite real number, got {value!r}")
+        # frequencies base**(-2i/d) must fall with i (the rotary scheme); base <= 0 gives NaN
+        if self.rope_base <= 1:
+            raise ValueError(f"rope_base must be a number > 1, got {self.rope_base!r}")
         if self.deq_norm not in DEQ_NORMS:
             raise ValueError(f"deq_norm must be one of {DEQ_NORMS}, got {self.deq_norm!r}")
         if self.init_scale < 0:

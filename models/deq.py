@@ -32,6 +32,7 @@ from torchdeq.norm import apply_norm, reset_norm
 
 from models.base import LoopContext
 from models.config import ModelConfig
+from models.kv_cache import DecodeCache, DecodePositions
 from models.layers import RMSNorm
 from models.looped import ARCH_REGISTRY, TransformerLoop
 
@@ -85,8 +86,14 @@ class DEQ(TransformerLoop):
             self._reset_norms()  # once per context: every step of it is the same map
         return self.input_norm(ctx.inject)
 
-    def init_state(self, ctx: LoopContext) -> Tensor:
+    def init_state(self, ctx: LoopContext, generator: torch.Generator | None = None) -> Tensor:
+        """Deterministic: ``generator`` is accepted (the interface) and unused."""
         return torch.zeros_like(ctx.inject)
 
     def _loop_output(self, x: Tensor, y: Tensor, inject: Tensor, k: int) -> Tensor:
         return inject + (y - x)
+
+    def decode_inject(self, tokens: Tensor, cache: DecodeCache, at: DecodePositions,
+                      rows: Tensor | None = None) -> Tensor:
+        # the normalised weights of the prompt's prepare stay in place: no reset per token
+        return self.input_norm(self.embed(tokens))

@@ -45,6 +45,9 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        mask = os.umask(0o022)  # there is no umask getter; mkstemp's 0600 must follow it
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -126,6 +129,12 @@ def load_model(path: str | os.PathLike[str], map_location: str | torch.device | 
             f"missing {missing[:8]}, unexpected {unexpected[:8]}"
         )
     for name, tensor in tensors.items():
+        if tensor.dtype.is_floating_point != expected[name].dtype.is_floating_point:
+            # load_state_dict would cast silently: integer weights load as garbage floats
+            raise ValueError(
+                f"checkpoint {str(path)!r}: {name} has dtype {tensor.dtype}, the model expects "
+                f"{expected[name].dtype}; not a checkpoint of this model"
+            )
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise ValueError(
                 f"checkpoint {str(path)!r} does not match its config: {name} has shape "

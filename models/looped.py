@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from common.registry import Registry
 from models.base import LoopContext, LoopedModel
 from models.config import ModelConfig
+from models.decoding import CachedDecoding
 from models.layers import Block, Mixer, RMSNorm, Rotary, TokenPack, attend
 
 ARCH_REGISTRY: Registry[type[LoopedModel]] = Registry("architecture")
@@ -39,7 +40,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class TransformerLoop(LoopedModel):
+class TransformerLoop(CachedDecoding, LoopedModel):
     """Base of the four architectures; see the module docstring for the step paths."""
 
     pack_tokens: bool = True  # False: token steps keep positions in place (test reference layout)
@@ -122,10 +123,15 @@ class TransformerLoop(LoopedModel):
             )
 
     # ----------------------------------------------------------------- the public interface
-    def prepare(self, tokens: Tensor, *, capture_attention: bool = False) -> LoopContext:
+    def prepare(self, tokens: Tensor, *, capture_attention: bool = False,
+                keep_kv: bool = False) -> LoopContext:
+        """Embed ``tokens``; ``keep_kv`` also keeps the keys/values of the blocks outside the
+        loop (prelude, coda) in ``ctx.extras["plain_kv"]`` for a decode cache."""
         tokens = self.check_tokens(tokens)
         ctx = LoopContext(tokens=tokens, inject=self.embed(tokens))
         ctx.attention = [] if capture_attention else None
+        if keep_kv:
+            ctx.extras["plain_kv"] = {}
         ctx.inject = self._prepare_inject(ctx)
         return ctx
 
@@ -179,10 +185,11 @@ class TransformerLoop(LoopedModel):
         """Exit-gate logit (B, T): Linear(D, 1) on RMSNorm(z), bias initialised to -2."""
         return self.halt_head(self.halt_norm(z)).squeeze(-1)
 
-    def forward(self, tokens: Tensor, loops: int) -> Tensor:
+    def forward(self, tokens: Tensor, loops: int,
+                generator: torch.Generator | None = None) -> Tensor:
         loops = self.check_loops(loops)
         ctx = self.prepare(tokens)
-        z = self.init_state(ctx)
+        z = self.init_state(ctx) if generator is None else self.init_state(ctx, generator)
         for k in range(loops):
             z = self.step(z, ctx, k)
         return self.readout(z, ctx)
@@ -265,9 +272,12 @@ class TransformerLoop(LoopedModel):
     def _run_plain(self, blocks: nn.ModuleList, x: Tensor, ctx: LoopContext, kind: str) -> Tensor:
         """Blocks outside the loop (prelude/coda): causal attention, nothing cached; loop = -1."""
         cos, sin = self.rotary.tables(x.shape[1])
+        kept = ctx.extras.get("plain_kv")
         for i, block in enumerate(blocks):
 
             def mix(q: Tensor, keys: Tensor, values: Tensor, h: Tensor, i: int = i) -> Tensor:
+                if kept is not None:
+                    kept[(kind, i)] = (keys, values)
                 return self._attend(ctx, -1, i, kind, q, keys, values, None)
 
             x = block(x, cos, sin, mix)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from models.base import LoopContext
 from models.config import ModelConfig
+from models.kv_cache import DecodeCache, DecodePositions
 from models.layers import RMSNorm
 from models.looped import ARCH_REGISTRY, TransformerLoop
 
@@ -55,3 +56,19 @@ class RecurrentDepth(TransformerLoop):
 
     def readout(self, z: Tensor, ctx: LoopContext) -> Tensor:
         return self.lm_head(self.final_norm(self._run_plain(self.coda, z, ctx, "coda")))
+
+    # -- decoding (models.decoding): the prelude and the coda keep caches of their own
+    def _add_decode_buffers(self, cache: DecodeCache, batch: int, capacity: int, loops: int,
+                            dtype: torch.dtype) -> None:
+        super()._add_decode_buffers(cache, batch, capacity, loops, dtype)
+        self._add_buffer(cache, "prelude", len(self.prelude), 1, batch, capacity, dtype)
+        self._add_buffer(cache, "coda", len(self.coda), 1, batch, capacity, dtype)
+
+    def decode_inject(self, tokens: Tensor, cache: DecodeCache, at: DecodePositions,
+                      rows: Tensor | None = None) -> Tensor:
+        return self._decode_plain(self.prelude, "prelude", self.embed(tokens), cache, at, rows)
+
+    def decode_readout(self, z: Tensor, cache: DecodeCache, at: DecodePositions,
+                       rows: Tensor | None = None) -> Tensor:
+        coda = self._decode_plain(self.coda, "coda", z, cache, at, rows)
+        return self.lm_head(self.final_norm(coda))

@@ -33,7 +33,8 @@ class SerialLoop(TransformerLoop):
         self.loop_norm = RMSNorm(dim)
         self.init_weights()
 
-    def init_state(self, ctx: LoopContext) -> Tensor:
+    def init_state(self, ctx: LoopContext, generator: torch.Generator | None = None) -> Tensor:
+        """Deterministic: ``generator`` is accepted (the interface) and unused."""
         if self.config.injection == "none":
             return ctx.inject
         return torch.zeros_like(ctx.inject)

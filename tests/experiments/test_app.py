@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from _app_helpers import compose_cfg
 
-from experiments.app import job_seed, run
 from experiments.figures import FIGURES
-from experiments.schema import RESULTS_COLUMNS, SAMPLES_COLUMNS, TRACES_COLUMNS
+from experiments.results.schema import RESULTS_COLUMNS, SAMPLES_COLUMNS, TRACES_COLUMNS
+from experiments.study import job_seed, run
 
 ROOT = Path(__file__).resolve().parents[2]
 # shrink any experiment to seconds (the smoke experiment is already this size)

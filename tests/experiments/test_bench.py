@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from common.registry import Registry
-from experiments import bench
-from experiments.bench_core import (
+from experiments.bench import suite as bench
+from experiments.bench.core import (
     BenchConfig,
     Row,
     alternate,

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
-from experiments.app import run
-from experiments.cli import diagnose_main, plot_main
+from experiments.cli.tools import diagnose_main, plot_main
 from experiments.figures import FIGURES
+from experiments.study import run
 
 ROOT = Path(__file__).resolve().parents[2]
 

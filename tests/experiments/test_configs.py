@@ -11,8 +11,9 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from experiments.app import plan_models, preflight
-from experiments.validate import ConfigError, validate_config
+from experiments.cli.preflight import preflight
+from experiments.config.validate import ConfigError, validate_config
+from experiments.study import plan_models
 
 CONF = Path(__file__).resolve().parents[2] / "experiments" / "conf"
 ROOT = CONF.parents[1]
@@ -22,23 +23,29 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
+def trained_options(group: str) -> list[str]:
+    """The options a study trains (model=hf_retrofit loads a checkpoint; see test_hf_loading)."""
+    return [o for o in options(group) if not (group == "model" and o == "hf_retrofit")]
+
+
 def compose_cfg(overrides: list[str], hydra_cfg: bool = False):
     with initialize_config_module("experiments.conf", version_base="1.3"):
         return compose("config", overrides=overrides, return_hydra_config=hydra_cfg)
 
 
 def test_every_group_has_its_options():
-    assert options("model") == ["deq", "parallel_loop", "recurrent_depth", "serial_loop"]
+    assert options("model") == ["deq", "hf_retrofit", "parallel_loop", "recurrent_depth",
+                                "serial_loop"]
     assert options("controller") == ["act", "convergence", "fixed", "halt_token", "ouro_gate",
                                      "pondernet", "q_halt", "solver"]
-    assert options("task") == ["addition", "parity", "phop", "pycode", "s5"]
+    assert options("task") == ["addition", "parity", "parity_vector", "phop", "pycode", "s5"]
     assert options("experiment") == ["convergence_study", "default", "halting_comparison",
-                                     "loopcoder", "smoke"]
+                                     "loopcoder", "parity_halting", "smoke"]
     assert {"local", "slurm"} <= set(options("hydra/launcher"))
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in ("model", "controller", "task")
-                                          for o in options(g)])
+                                          for o in trained_options(g)])
 def test_group_option_composes_and_validates(group, option):
     overrides = ["experiment=smoke", f"{group}={option}"]
     if group == "task" and option == "pycode":
@@ -62,8 +69,12 @@ def test_experiment_composes_validates_and_plans(experiment):
     if experiment == "default":  # loop counts 1..4 plus one learned-halting model
         assert [(p.objective, p.loops) for p in plans] == [
             ("fixed", 1), ("fixed", 2), ("fixed", 3), ("fixed", 4), ("ouro_gate", 4)]
+    if experiment == "parity_halting":  # fixed 1..3 and three learned controllers at cap 3
+        assert [(p.objective, p.loops) for p in plans] == [
+            ("fixed", 1), ("fixed", 2), ("fixed", 3), ("act", 3), ("pondernet", 3),
+            ("ouro_gate", 3)]
     if experiment == "convergence_study":
-        assert sorted(p.arch for p in plans) == sorted(options("model"))
+        assert sorted(p.arch for p in plans) == sorted(trained_options("model"))
     assert len({p.run_id for p in plans}) == len(plans)
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from experiments import diagnostics as dg
+from experiments.evaluate import diagnostics as dg
 
 
 def geometric_trajectory(ratio: float, loops: int = 6) -> torch.Tensor:

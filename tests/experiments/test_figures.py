@@ -10,7 +10,7 @@ import pytest
 
 from experiments import figures as fg
 from experiments.results import write_parquet
-from experiments.schema import RESULTS_COLUMNS, SAMPLES_COLUMNS, TRACES_COLUMNS
+from experiments.results.schema import RESULTS_COLUMNS, SAMPLES_COLUMNS, TRACES_COLUMNS
 
 LOOPS = 5
 CONTROLLERS = ["fixed", "convergence_residual", "convergence_kl", "solver", "ouro_gate"]
@@ -198,7 +198,7 @@ def test_depth_histograms_rows_are_distributions(tables):
 
 
 def test_run_labels_drop_shared_parts():
-    from experiments.figure_style import run_labels
+    from experiments.figures.style import run_labels
     assert run_labels(["a-fixed-L1", "a-fixed-L2"]) == {"a-fixed-L1": "L1", "a-fixed-L2": "L2"}
     assert run_labels(["only-run"]) == {"only-run": "only-run"}
     assert run_labels(["x-1", "y"]) == {"x-1": "x-1", "y": "y"}
@@ -238,3 +238,28 @@ def test_draw_all_writes_pngs_and_skips_absent(tmp_path, tables):
     write_parquet(tables["traces"], only_traces / "traces.parquet")
     names = {p.stem for p in fg.draw_all(only_traces)}
     assert names == {"convergence_traces", "heatmaps", "phase_portraits"}
+
+
+def test_draw_all_in_two_processes_writes_the_same_bytes(tmp_path, tables):
+    for where in ("one", "two"):  # results only: four figures, enough to share out
+        write_parquet(tables["results"], tmp_path / where / "results.parquet")
+    one = fg.draw_all(tmp_path / "one", workers=1)
+    two = fg.draw_all(tmp_path / "two", workers=2)
+    assert [p.name for p in one] == [p.name for p in two] == [
+        "oscillation.png", "representation.png", "gain_cost.png", "accuracy_vs_loops.png"]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two))
+    with pytest.raises(ValueError, match="workers must be an integer >= 1, got 0"):
+        fg.draw_all(tmp_path / "one", workers=0)
+
+
+def test_draw_all_in_two_processes_reports_a_helper_failure(tmp_path, tables, monkeypatch):
+    write_parquet(tables["results"], tmp_path / "results.parquet")
+
+    def broken(frame, **kwargs):
+        raise KeyError("bad column")
+
+    # the cheapest figure is drawn last, so a forked helper (or the main process) meets it
+    monkeypatch.setitem(fg.FIGURES, "gain_cost", ("results", broken))
+    with pytest.raises(ValueError, match="figure gain_cost cannot be drawn"):
+        fg.draw_all(tmp_path, workers=2)
+    assert not (tmp_path / "figures").exists()  # nothing written when one figure fails

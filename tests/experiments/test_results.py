@@ -9,7 +9,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from experiments import results as rs  # noqa: E402
-from experiments.schema import RESULTS_COLUMNS  # noqa: E402
+from experiments.results.schema import RESULTS_COLUMNS  # noqa: E402
 
 
 def results_frame(value: float = 1.0) -> pd.DataFrame:

@@ -16,9 +16,10 @@ import torch
 from _app_helpers import ROOT, TINY, compose_cfg
 
 import halting
-from experiments.app import plan_models, run
-from experiments.train import TrainingFailed, _Trainer, lr_factor, train_model
-from experiments.validate import validate_config
+from experiments.config.validate import validate_config
+from experiments.study import plan_models, run
+from experiments.train import TrainingFailed, lr_factor, train_model
+from experiments.train.trainer import _Trainer
 
 
 def first_plan(overrides: list[str]):

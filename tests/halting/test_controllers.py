@@ -7,11 +7,15 @@ import warnings
 
 import pytest
 import torch
-from _models import ALL_ARCHS, SEQ, VOCAB, make_model, make_tokens
+from _tiny import SMALL
 
-from halting import CONTROLLERS, StepView, build_controller, run_loop
+from halting import CONTROLLERS, CRITERIA, RunState, StepView, build_controller, run_loop
 from halting.objectives import act_weights, cdf_exit, geometric_halting
-from halting.simple import CRITERIA, _PerRowMemory
+from models import ARCHS
+
+SEQ = SMALL.seq
+VOCAB = SMALL.vocab_size
+ALL_ARCHS = ("toy", *ARCHS)
 
 HALT_ID = VOCAB - 1
 SETTINGS = {
@@ -41,13 +45,13 @@ def test_every_registered_controller_is_covered():
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_controller_runs_on_every_architecture(arch, name, mode):
-    model = make_model(arch, halt_token_id=HALT_ID)
+    model = SMALL.model(arch, halt_token_id=HALT_ID)
     controller = build_controller(name, **SETTINGS[name]).train(mode == "train")
     controller.bind(model)  # as a trainer does before building its optimiser
-    tokens, targets = make_tokens(), _targets()
+    tokens, targets = SMALL.tokens(), _targets()
     for granularity in controller.granularities:
         out = run_loop(model, tokens, controller, max_loops=4, min_loops=2,
-                       granularity=granularity, targets=targets)
+                       granularity=granularity, targets=targets, mode=mode)
         unit = (4,) if granularity == "sample" else (4, SEQ)
         assert out.logits.shape == (4, SEQ, VOCAB)
         assert out.depth.shape == unit and out.depth.dtype == torch.long
@@ -79,12 +83,13 @@ def _halting_params(model, controller):
                                        ("ouro_gate", "task"), ("halt_token", "task"),
                                        ("q_halt", "q_halt"), ("q_halt", "q_continue")])
 def test_each_learned_objective_reaches_the_halting_head(arch, name, term):
-    model = make_model(arch, halt_token_id=HALT_ID)
+    model = SMALL.model(arch, halt_token_id=HALT_ID)
     controller = build_controller(name).train()
     controller.bind(model)
     if name == "q_halt":  # at its init q_continue sits exactly on its own target (zero grad)
         torch.nn.init.normal_(controller.head.weight, std=0.1)
-    out = run_loop(model, make_tokens(), controller, max_loops=4, targets=_targets())
+    out = run_loop(model, SMALL.tokens(), controller, max_loops=4, targets=_targets(),
+                   mode="train")
     out.loss_terms[term].backward()
     params = _halting_params(model, controller)
     if name == "halt_token":
@@ -115,7 +120,7 @@ def test_criterion_values_match_hand_computation():
     torch.manual_seed(0)
     z0, z1, z2 = torch.randn(3, 2, 3, 4).unbind(0)
     l1, l2 = torch.randn(2, 2, 3, 5).unbind(0)
-    memory = _PerRowMemory(2)
+    memory = RunState(batch=2, seq_len=3, max_loops=10)
     kl_fn, ent_fn, arg_fn, acc_fn = (CRITERIA.get(n)[0] for n in
                                      ("kl", "entropy", "argmax", "acceleration"))
     first = _view(0, z1, z0, l1)
@@ -140,7 +145,7 @@ def test_criterion_values_match_hand_computation():
 
 def _frozen_toy():
     """A toy whose step leaves the state unchanged: every criterion passes as soon as defined."""
-    model = make_model("toy", scale=0.0)
+    model = SMALL.model("toy", scale=0.0)
     model.init_state = lambda ctx: ctx.inject.detach().clone()
     return model
 
@@ -153,7 +158,7 @@ def _frozen_toy():
 ])
 def test_convergence_patience_and_check_every(criterion, check_every, expected):
     controller = build_controller("convergence", criterion=criterion, check_every=check_every)
-    out = run_loop(_frozen_toy(), make_tokens(), controller, max_loops=10)
+    out = run_loop(_frozen_toy(), SMALL.tokens(), controller, max_loops=10)
     assert out.depth.tolist() == [expected] * 4
     assert out.executed == 4 * expected
     assert out.trace[criterion].shape == (expected, 4)
@@ -161,12 +166,12 @@ def test_convergence_patience_and_check_every(criterion, check_every, expected):
 
 def test_convergence_min_loops_and_token_granularity():
     controller = build_controller("convergence", criterion="residual", min_loops=4)
-    out = run_loop(_frozen_toy(), make_tokens(), controller, max_loops=10, granularity="token")
+    out = run_loop(_frozen_toy(), SMALL.tokens(), controller, max_loops=10, granularity="token")
     assert (out.depth == 4).all() and out.depth.shape == (4, SEQ)
-    model = make_model("toy")
+    model = SMALL.model("toy")
     loose = build_controller("convergence", criterion="residual", threshold=0.2)
-    tokenwise = run_loop(model, make_tokens(), loose, max_loops=12, granularity="token")
-    samplewise = run_loop(model, make_tokens(), loose, max_loops=12)
+    tokenwise = run_loop(model, SMALL.tokens(), loose, max_loops=12, granularity="token")
+    samplewise = run_loop(model, SMALL.tokens(), loose, max_loops=12)
     # a sample stops when its slowest token does (reduce="max")
     assert (samplewise.depth == tokenwise.depth.amax(dim=1)).all()
     assert tokenwise.executed < samplewise.executed * SEQ
@@ -180,10 +185,10 @@ def _filled(trace):
 
 @pytest.mark.parametrize("inference", ["threshold", "cdf", "sample"])
 def test_pondernet_eval_exit_rules(inference):
-    model = make_model("toy")
+    model = SMALL.model("toy")
     torch.nn.init.normal_(model.halt.weight, std=0.5)
     torch.nn.init.constant_(model.halt.bias, -1.0)
-    tokens = make_tokens(batch=8)
+    tokens = SMALL.tokens(batch=8)
     controller = build_controller("pondernet", inference=inference, threshold=0.3).eval()
     with torch.no_grad():
         out = run_loop(model, tokens, controller, max_loops=6)
@@ -208,9 +213,10 @@ def test_pondernet_eval_exit_rules(inference):
 
 @pytest.mark.parametrize("name", ["pondernet", "ouro_gate", "halt_token"])
 def test_geometric_training_runs_every_step_and_reports_its_exit(name):
-    model = make_model("toy", halt_token_id=HALT_ID)
+    model = SMALL.model("toy", halt_token_id=HALT_ID)
     controller = build_controller(name).train()
-    out = run_loop(model, make_tokens(), controller, max_loops=5, targets=_targets())
+    out = run_loop(model, SMALL.tokens(), controller, max_loops=5, targets=_targets(),
+                   mode="train")
     assert out.executed == 4 * 5 and out.step_logits.shape == (5, 4, SEQ, VOCAB)
     p = out.aux["p"]
     torch.testing.assert_close(p.sum(0), torch.ones(4))
@@ -221,25 +227,25 @@ def test_geometric_training_runs_every_step_and_reports_its_exit(name):
 
 
 def test_ouro_eval_q_exit_matches_the_trajectory_rule():
-    model = make_model("toy")
+    model = SMALL.model("toy")
     torch.nn.init.normal_(model.halt.weight, std=0.5)
-    tokens = make_tokens(batch=8)
+    tokens = SMALL.tokens(batch=8)
     controller = build_controller("ouro_gate", q=0.6)
     with torch.no_grad():
-        trained = run_loop(model, tokens, controller.train(), max_loops=6)
-        evaluated = run_loop(model, tokens, controller.eval(), max_loops=6)
+        trained = run_loop(model, tokens, controller.train(), max_loops=6, mode="train")
+        evaluated = run_loop(model, tokens, controller.eval(), max_loops=6, mode="eval")
     assert evaluated.depth.tolist() == trained.depth.tolist()
     assert evaluated.executed == int(evaluated.depth.sum()) < trained.executed
     torch.testing.assert_close(evaluated.logits, trained.logits, atol=1e-5, rtol=0)
 
 
 def test_halt_token_reads_the_lm_head_probability():
-    model = make_model("toy", halt_token_id=HALT_ID)
+    model = SMALL.model("toy", halt_token_id=HALT_ID)
     with torch.no_grad():
         model.head.bias[HALT_ID] = 4.0  # the halt token dominates: lambda ~ 0.9 at once
-        out = run_loop(model, make_tokens(), build_controller("halt_token").eval(), max_loops=6)
-        probs = model.readout(model.step(model.init_state(model.prepare(make_tokens())),
-                                         model.prepare(make_tokens()), 0), None).softmax(-1)
+        out = run_loop(model, SMALL.tokens(), build_controller("halt_token").eval(), max_loops=6)
+        probs = model.readout(model.step(model.init_state(model.prepare(SMALL.tokens())),
+                                         model.prepare(SMALL.tokens()), 0), None).softmax(-1)
     assert out.trace["halt_prob"][0].tolist() == pytest.approx(probs[:, -1, HALT_ID].tolist(),
                                                                rel=1e-5)
     assert (out.depth == 1).all()
@@ -247,10 +253,10 @@ def test_halt_token_reads_the_lm_head_probability():
 
 @pytest.mark.parametrize("granularity", ["sample", "token"])
 def test_act_output_is_the_p_weighted_mixture_of_step_readouts(granularity):
-    model = make_model("toy")
+    model = SMALL.model("toy")
     torch.nn.init.normal_(model.halt.weight, std=0.3)
     torch.nn.init.constant_(model.halt.bias, -0.5)
-    tokens = make_tokens()
+    tokens = SMALL.tokens()
     with torch.no_grad():
         out = run_loop(model, tokens, build_controller("act"), max_loops=6,
                        granularity=granularity)
@@ -272,31 +278,32 @@ def test_act_output_is_the_p_weighted_mixture_of_step_readouts(granularity):
 
 
 def test_q_halt_head_created_on_first_training_run_warns():
-    model = make_model("toy")
+    model = SMALL.model("toy")
     with pytest.warns(UserWarning, match=r"Call controller.bind\(model\)"):
-        run_loop(model, make_tokens(), build_controller("q_halt").train(), max_loops=3)
+        run_loop(model, SMALL.tokens(), build_controller("q_halt").train(), max_loops=3,
+                 mode="train")
     bound = build_controller("q_halt").train()
     bound.bind(model)
     assert [p.shape for p in bound.parameters()] == [(2, 32), (2,)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        run_loop(model, make_tokens(), bound, max_loops=3)
+        run_loop(model, SMALL.tokens(), bound, max_loops=3, mode="train")
     with pytest.raises(ValueError, match="head width 8 != model d_model 32"):
         build_controller("q_halt", d_model=8).bind(model)
 
 
 def test_q_halt_starts_never_halting_and_explores_in_training():
-    model = make_model("toy")
+    model = SMALL.model("toy")
     controller = build_controller("q_halt", explore=1.0, seed=3)
     with torch.no_grad():
-        out = run_loop(model, make_tokens(), controller.eval(), max_loops=5)
+        out = run_loop(model, SMALL.tokens(), controller.eval(), max_loops=5)
     assert controller.head.weight.abs().sum() == 0
     assert controller.head.bias.tolist() == [-5.0, -5.0]
     assert (out.depth == 5).all()  # q_halt = q_continue = -5: never halts
     with torch.no_grad():
         controller.head.bias.copy_(torch.tensor([1.0, 0.0]))  # now always halts
-        eager = run_loop(model, make_tokens(), controller, max_loops=5)
-        trained = run_loop(model, make_tokens(), controller.train(), max_loops=5)
+        eager = run_loop(model, SMALL.tokens(), controller, max_loops=5)
+        trained = run_loop(model, SMALL.tokens(), controller.train(), max_loops=5, mode="train")
     assert (eager.depth == 1).all() and eager.executed == 4
     # explore=1: every sample waits for its random minimum depth in [2, 5]
     assert trained.depth.tolist() == trained.aux["exploration_min"].tolist()
@@ -305,14 +312,14 @@ def test_q_halt_starts_never_halting_and_explores_in_training():
     trm.bind(model)
     with torch.no_grad():
         trm.head.bias.copy_(torch.tensor([0.5, 3.0]))  # q_halt > 0 halts even if q_cont larger
-        assert (run_loop(model, make_tokens(), trm, max_loops=5).depth == 1).all()
+        assert (run_loop(model, SMALL.tokens(), trm, max_loops=5).depth == 1).all()
 
 
 def test_solver_depth_and_executed_accounting():
-    model = make_model("deq")
+    model = SMALL.model("deq")
     controller = build_controller("solver", solver="fixed_point_iter", tol=1e-3)
     with torch.no_grad():
-        out = run_loop(model, make_tokens(), controller, max_loops=40, record=True)
+        out = run_loop(model, SMALL.tokens(), controller, max_loops=40, record=True)
     residuals = out.trace["solver_residual"]  # (K, B), row 0 = loop 0 (no solver residual)
     steps = (~residuals[1:].isnan()).sum(0)
     assert out.depth.tolist() == (1 + steps).tolist()
@@ -325,10 +332,10 @@ def test_solver_depth_and_executed_accounting():
 
 @pytest.mark.parametrize("backward", ["implicit", "phantom", "one_step", "unroll"])
 def test_solver_trains_with_every_backward_mode(backward):
-    model = make_model("deq").train()
+    model = SMALL.model("deq").train()
     solver = "fixed_point_iter" if backward == "unroll" else "anderson"
     controller = build_controller("solver", solver=solver, tol=1e-3, backward=backward).train()
-    out = run_loop(model, make_tokens(), controller, max_loops=20, targets=_targets())
+    out = run_loop(model, SMALL.tokens(), controller, max_loops=20, targets=_targets())
     out.loss_terms["task"].backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)

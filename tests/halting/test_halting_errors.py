@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _models import make_model, make_tokens
+from _tiny import SMALL
 
 from halting import build_controller, run_loop
 
@@ -53,7 +53,7 @@ def test_unknown_criterion_lists_known():
 
 
 def test_loop_bounds_and_options():
-    model, tokens = make_model("toy"), make_tokens()
+    model, tokens = SMALL.model("toy"), SMALL.tokens()
     with pytest.raises(ValueError, match="max_loops=2 < min_loops=3"):
         run_loop(model, tokens, "fixed", max_loops=2, min_loops=3)
     with pytest.raises(ValueError, match="max_loops must be an integer >= 1, got 0"):
@@ -73,19 +73,19 @@ def test_loop_bounds_and_options():
 @pytest.mark.parametrize("name", ["q_halt", "solver"])
 def test_token_granularity_on_sample_only_controller(name):
     with pytest.raises(ValueError, match=f"controller '{name}' supports granularity"):
-        run_loop(make_model("toy"), make_tokens(), name, max_loops=3, granularity="token")
+        run_loop(SMALL.model("toy"), SMALL.tokens(), name, max_loops=3, granularity="token")
 
 
 def test_halt_token_needs_a_halt_token():
     with pytest.raises(ValueError, match="has no halt token"):
-        run_loop(make_model("toy"), make_tokens(), "halt_token", max_loops=3)
+        run_loop(SMALL.model("toy"), SMALL.tokens(), "halt_token", max_loops=3)
     with pytest.raises(ValueError, match="token_id=20 is outside the vocabulary"):
-        run_loop(make_model("toy"), make_tokens(), build_controller("halt_token", token_id=20),
+        run_loop(SMALL.model("toy"), SMALL.tokens(), build_controller("halt_token", token_id=20),
                  max_loops=3)
 
 
 def test_targets_shape_checked():
-    out = run_loop(make_model("toy"), make_tokens(), "fixed", max_loops=2)
+    out = run_loop(SMALL.model("toy"), SMALL.tokens(), "fixed", max_loops=2)
     controller = build_controller("fixed")
     with pytest.raises(ValueError, match="targets shape"):
         controller.loss_terms(out, torch.zeros(4, 3, dtype=torch.long))

@@ -45,6 +45,7 @@ def train_and_evaluate(name, steps=300, **params):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    model.eval()  # the controller follows the model's mode (run_loop mode="auto")
     controller.eval()
     tokens, targets, hops = hop_batch(512, torch.Generator().manual_seed(1))
     with torch.no_grad():

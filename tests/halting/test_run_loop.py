@@ -6,16 +6,20 @@ import math
 
 import pytest
 import torch
-from _models import ALL_ARCHS, SEQ, make_model, make_tokens
+from _tiny import SMALL
 from _toy import ScriptedExit, count_step_rows
 
 from halting import build_controller, run_loop, sample_training_depth
+from models import ARCHS
+
+SEQ = SMALL.seq
+ALL_ARCHS = ("toy", *ARCHS)
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 @pytest.mark.parametrize("granularity", ["sample", "token"])
 def test_fixed_equals_model_forward(arch, granularity):
-    model, tokens = make_model(arch), make_tokens()
+    model, tokens = SMALL.model(arch), SMALL.tokens()
     with torch.no_grad():
         torch.manual_seed(5)
         out = run_loop(model, tokens, build_controller("fixed", loops=3), max_loops=3,
@@ -36,7 +40,7 @@ def _half_plan(batch, early, late):
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_sample_compaction_counts_and_matches_rows_alone(arch):
-    model, tokens = make_model(arch), make_tokens(batch=6)
+    model, tokens = SMALL.model(arch), SMALL.tokens(batch=6)
     # recurrent_depth draws a random z_0 per call: pin it so rows alone see the same z_0.
     model.init_state = lambda ctx: 0.1 * ctx.inject.detach().clone()
     plan = _half_plan(6, 2, 8)
@@ -63,7 +67,7 @@ def _decreasing_token_plan(batch, early, late):
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_token_frozen_saves_token_steps_and_matches_causal_reference(arch):
-    model, tokens = make_model(arch), make_tokens(batch=4)
+    model, tokens = SMALL.model(arch), SMALL.tokens(batch=4)
     plan = _decreasing_token_plan(4, 2, 6)
     calls = count_step_rows(model, per_token=True)
     with torch.no_grad():
@@ -87,7 +91,7 @@ def test_token_frozen_saves_token_steps_and_matches_causal_reference(arch):
 
 @pytest.mark.parametrize("arch", ["toy", "serial_loop"])
 def test_token_evolving_computes_every_token_and_reads_out_at_exit(arch):
-    model, tokens = make_model(arch), make_tokens(batch=4)
+    model, tokens = SMALL.model(arch), SMALL.tokens(batch=4)
     plan = torch.full((4, SEQ), 5, dtype=torch.long)
     plan[:, 1::2] = 2
     plan[3] = 2  # row 3 finishes at loop 2 and leaves the batch
@@ -106,7 +110,7 @@ def test_token_evolving_computes_every_token_and_reads_out_at_exit(arch):
 
 
 def test_trace_and_states_are_nan_after_exit():
-    model, tokens = make_model("toy"), make_tokens(batch=4)
+    model, tokens = SMALL.model("toy"), SMALL.tokens(batch=4)
     plan = torch.tensor([1, 3, 3, 5])
     with torch.no_grad():
         out = run_loop(model, tokens, ScriptedExit(plan), max_loops=5, record=True)
@@ -127,14 +131,14 @@ def test_trace_and_states_are_nan_after_exit():
 
 
 def test_no_residual_trace_without_record():
-    model, tokens = make_model("toy"), make_tokens()
+    model, tokens = SMALL.model("toy"), SMALL.tokens()
     out = run_loop(model, tokens, "fixed", max_loops=3)
     assert "residual" not in out.trace and out.states is None
     assert out.trace["active"].tolist() == [4, 4, 4]
 
 
 def test_grad_steps_truncates_backprop_to_last_steps():
-    model, tokens = make_model("toy"), make_tokens()
+    model, tokens = SMALL.model("toy"), SMALL.tokens()
     out = run_loop(model, tokens, build_controller("fixed", loops=4), max_loops=4, grad_steps=1)
     out.logits.sum().backward()
     truncated = model.qkv.weight.grad.clone()
@@ -152,7 +156,7 @@ def test_grad_steps_truncates_backprop_to_last_steps():
 
 
 def test_flops_count_executed_steps_and_readouts():
-    model, tokens = make_model("toy"), make_tokens(batch=4)
+    model, tokens = SMALL.model("toy"), SMALL.tokens(batch=4)
     plan = torch.tensor([1, 3, 3, 5])
     out = run_loop(model, tokens, ScriptedExit(plan), max_loops=5)
     per_token = model.flops_per_token_step(SEQ)
@@ -176,3 +180,22 @@ def test_sample_training_depth_is_seeded_clamped_and_heavy_tailed():
     capped = [sample_training_depth(8, generator=torch.Generator().manual_seed(s), max_loops=4)
               for s in range(50)]
     assert max(capped) == 4
+
+
+def test_generator_makes_a_random_initial_state_reproducible():
+    model, tokens = SMALL.model("recurrent_depth", init_scale=0.5), SMALL.tokens()
+    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    with torch.no_grad():
+        torch.manual_seed(0)
+        first = run_loop(model, tokens, "fixed", max_loops=3, generator=gen(11), record=True)
+        rng_after = torch.get_rng_state()
+        torch.manual_seed(1)  # the global RNG plays no part
+        again = run_loop(model, tokens, "fixed", max_loops=3, generator=gen(11), record=True)
+        other = run_loop(model, tokens, "fixed", max_loops=3, generator=gen(12), record=True)
+        forward = model(tokens, loops=3, generator=gen(11))
+    torch.manual_seed(0)
+    assert torch.equal(torch.get_rng_state(), rng_after)  # run_loop drew nothing from it
+    assert torch.equal(first.states[0], again.states[0])
+    assert torch.equal(first.logits, again.logits)
+    assert not torch.allclose(first.states[0], other.states[0])
+    torch.testing.assert_close(forward, first.logits, atol=1e-6, rtol=0)

@@ -1,4 +1,4 @@
-"""Fixtures of the models tests; the tiny models themselves live in ``_tiny_models``."""
+"""Fixtures of the models tests; the tiny models themselves live in ``tests/_tiny.py``."""
 
 import pytest
 

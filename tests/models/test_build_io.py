@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from _tiny_models import TINY, tiny, tokens
+from _tiny import TINY
 
 from models import (
     ARCH_REGISTRY,
@@ -26,10 +26,10 @@ def test_registry_lists_every_arch():
 
 @pytest.mark.parametrize("source", ["name", "dict", "config"])
 def test_build_from_each_kind_of_input(source):
-    values = {**TINY, "arch": "serial_loop"}
+    values = {**TINY.config, "arch": "serial_loop"}
     arg = {"name": "serial_loop", "dict": values,
            "config": ModelConfig.from_dict(values)}[source]
-    extra = {k: v for k, v in TINY.items() if k not in ("d_model", "n_heads")}
+    extra = {k: v for k, v in TINY.config.items() if k not in ("d_model", "n_heads")}
     model = build_model(arg, **(extra if source == "name" else {}), d_model=48, n_heads=4)
     assert isinstance(model, LoopedModel)
     assert model.config.d_model == 48 and model.config.arch == "serial_loop"
@@ -57,12 +57,12 @@ def test_build_rejects_unknown_field_and_arch():
 )
 def test_bad_config_values(overrides, match):
     with pytest.raises(ValueError, match=match):
-        build_model({**TINY, **overrides})
+        build_model({**TINY.config, **overrides})
 
 
 def test_bad_inputs_are_named(arch):
-    model = tiny(arch)
-    good = tokens()
+    model = TINY.model(arch)
+    good = TINY.tokens()
     cases = [
         (good + 32, r"token id \d+ outside \[0, 32\)"),
         (good - 40, r"token id -\d+ outside \[0, 32\)"),
@@ -89,7 +89,7 @@ def test_bad_inputs_are_named(arch):
 
 
 def test_safetensors_round_trip(arch, tmp_path):
-    model = tiny(arch, tie_embeddings=arch != "serial_loop")
+    model = TINY.model(arch, tie_embeddings=arch != "serial_loop")
     with torch.no_grad():  # move every parameter off its init so a silent re-init would show
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -97,7 +97,7 @@ def test_safetensors_round_trip(arch, tmp_path):
     assert json.loads((tmp_path / "ckpt.json").read_text()) == model.config.to_dict()
     loaded = load_model(path)
     assert loaded.config == model.config
-    toks = tokens()
+    toks = TINY.tokens()
     torch.manual_seed(5)
     expected = model(toks, loops=3)
     torch.manual_seed(5)
@@ -105,9 +105,10 @@ def test_safetensors_round_trip(arch, tmp_path):
 
 
 def test_load_rejects_mismatch_and_corruption(tmp_path):
-    model = tiny("parallel_loop")
+    model = TINY.model("parallel_loop")
     path = save_model(model, tmp_path / "m.safetensors")
-    other = save_model(tiny("parallel_loop", d_model=48, n_heads=4), tmp_path / "o.safetensors")
+    other = save_model(TINY.model("parallel_loop", d_model=48, n_heads=4),
+                       tmp_path / "o.safetensors")
     # the weights of a d_model=48 model under this config's name
     (tmp_path / "o.json").unlink()
     data = other.read_bytes().replace(b'd_model\\": 48', b'd_model\\": 32')
@@ -131,6 +132,6 @@ def test_load_rejects_mismatch_and_corruption(tmp_path):
 
 
 def test_config_round_trips_through_dict():
-    cfg = ModelConfig.from_dict({**TINY, "arch": "deq"})
+    cfg = ModelConfig.from_dict({**TINY.config, "arch": "deq"})
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     assert dataclasses.asdict(cfg)["arch"] == "deq"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny_models import tiny, tokens
+from _tiny import TINY
 
 from models.layers import TokenPack
 
@@ -71,7 +71,7 @@ def _grads(model, active):
     """Parameter gradients of a loss after loop 0 and two partial steps (the second reads K/V
     the first wrote), and the gradient at loop 0's output."""
     model.zero_grad()
-    ctx = model.prepare(tokens())
+    ctx = model.prepare(TINY.tokens())
     torch.manual_seed(0)
     z0 = model.step(model.init_state(ctx), ctx, 0)
     z0.retain_grad()
@@ -85,7 +85,7 @@ def test_partial_steps_backprop_like_the_dense_reference(arch):
     """Gradients through packed partial steps equal those of the in-place reference layout (every
     position computed, inactive outputs and K/V replaced by the frozen ones). Eval mode with grad
     enabled: deq's spectral norm takes a power-iteration step per train-mode ``prepare``."""
-    model = tiny(arch)
+    model = TINY.model(arch)
     packed, packed_z = _grads(model, UNEVEN)
     model.pack_tokens = False
     dense, dense_z = _grads(model, UNEVEN)

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from _tiny_models import run, tiny, tokens
+from _tiny import TINY, run_seeded
 
 MASK = torch.tensor([[1, 1, 0, 1, 0, 0, 1, 1, 0, 1],
                      [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
@@ -15,7 +15,7 @@ MASK = torch.tensor([[1, 1, 0, 1, 0, 0, 1, 1, 0, 1],
 
 
 def _after_loop0(model):
-    ctx = model.prepare(tokens())
+    ctx = model.prepare(TINY.tokens())
     torch.manual_seed(0)
     z = model.step(model.init_state(ctx), ctx, 0)
     return ctx, z
@@ -27,7 +27,7 @@ def _fork(ctx):
 
 
 def test_all_active_equals_none(arch):
-    model = tiny(arch)
+    model = TINY.model(arch)
     ctx, z = _after_loop0(model)
     full = model.step(z, _fork(ctx), 1)
     assert torch.equal(model.step(z, _fork(ctx), 1, active=torch.ones(3, 10, dtype=torch.bool)),
@@ -38,7 +38,7 @@ def test_all_active_equals_none(arch):
 def test_partial_mask_matches_dense_reference(arch):
     """Packed computation == the in-place reference (every position computed, inactive K/V and
     outputs replaced by the frozen ones)."""
-    model = tiny(arch)
+    model = TINY.model(arch)
     ctx, z = _after_loop0(model)
     packed_ctx, dense_ctx = _fork(ctx), _fork(ctx)
     packed = model.step(z, packed_ctx, 1, active=MASK)
@@ -54,7 +54,7 @@ def test_partial_mask_matches_dense_reference(arch):
 def test_frozen_kv_from_the_same_state_equals_full_recompute(arch):
     """If the frozen K/V were computed from the same state at the same loop, a partial step must
     reproduce the full step at the active positions."""
-    model = tiny(arch)
+    model = TINY.model(arch)
     ctx, z = _after_loop0(model)
     full = model.step(z, ctx, 1)  # caches loop-1 K/V of every position
     frozen_k = ctx.cache["own_k.0"]
@@ -64,7 +64,7 @@ def test_frozen_kv_from_the_same_state_equals_full_recompute(arch):
 
 
 def test_partial_step_updates_only_active_kv(arch):
-    model = tiny(arch)
+    model = TINY.model(arch)
     ctx, z = _after_loop0(model)
     before = ctx.cache["own_k.1"]
     model.step(z, ctx, 1, active=MASK)
@@ -75,7 +75,7 @@ def test_partial_step_updates_only_active_kv(arch):
 
 
 def test_partial_step_computes_only_active_tokens(arch):
-    model = tiny(arch)
+    model = TINY.model(arch)
     ctx, z = _after_loop0(model)
     widths = []
     hook = model.blocks[0].mlp.w1.register_forward_pre_hook(
@@ -86,8 +86,8 @@ def test_partial_step_computes_only_active_tokens(arch):
 
 
 def test_partial_mask_needs_a_previous_full_step(arch):
-    model = tiny(arch)
-    ctx = model.prepare(tokens())
+    model = TINY.model(arch)
+    ctx = model.prepare(TINY.tokens())
     z = model.init_state(ctx)
     with pytest.raises(ValueError, match="active"):
         model.step(z, ctx, 0, active=MASK)
@@ -95,7 +95,7 @@ def test_partial_mask_needs_a_previous_full_step(arch):
 
 # ----------------------------------------------------------------------------- parallel_loop
 def test_clp_input_reads_previous_position_of_previous_loop():
-    model = tiny("parallel_loop")
+    model = TINY.model("parallel_loop")
     ctx, z = _after_loop0(model)
     bump = torch.zeros_like(z)
     bump[:, 4] = 1.0
@@ -107,7 +107,7 @@ def test_clp_input_reads_previous_position_of_previous_loop():
 
 
 def test_later_loops_never_write_the_loop1_cache():
-    model = tiny("parallel_loop")
+    model = TINY.model("parallel_loop")
     ctx, z = _after_loop0(model)
     shared = {name: t for name, t in ctx.cache.items() if name.startswith("plt_")}
     copies = {name: t.clone() for name, t in shared.items()}
@@ -120,8 +120,8 @@ def test_later_loops_never_write_the_loop1_cache():
 
 
 def test_later_loop_needs_loop0_cache():
-    model = tiny("parallel_loop")
-    ctx = model.prepare(tokens())
+    model = TINY.model("parallel_loop")
+    ctx = model.prepare(TINY.tokens())
     with pytest.raises(ValueError, match="run step\\(z, ctx, 0\\)"):
         model.step(model.init_state(ctx), ctx, 1)
 
@@ -130,19 +130,19 @@ def test_later_loop_needs_loop0_cache():
                                      dict(gate_mode="query"), dict(gate_mode="fixed"),
                                      dict(window=1)])
 def test_plt_variants_differ_and_stay_causal(variant):
-    toks = tokens()
-    reference = run(tiny("parallel_loop"), toks, 3)
-    model = tiny("parallel_loop", **variant)
-    logits = run(model, toks, 3)
+    toks = TINY.tokens()
+    reference = run_seeded(TINY.model("parallel_loop"), toks, 3)
+    model = TINY.model("parallel_loop", **variant)
+    logits = run_seeded(model, toks, 3)
     assert not torch.allclose(logits, reference, atol=1e-4)
     changed = toks.clone()
     changed[:, 7:] = (changed[:, 7:] + 3) % 32
-    assert torch.allclose(run(model, changed, 3)[:, :7], logits[:, :7], atol=1e-6, rtol=0)
+    assert torch.allclose(run_seeded(model, changed, 3)[:, :7], logits[:, :7], atol=1e-6, rtol=0)
 
 
 def test_plt_local_branch_stays_in_its_window():
-    model = tiny("parallel_loop", window=3)
-    ctx = model.prepare(tokens(), capture_attention=True)
+    model = TINY.model("parallel_loop", window=3)
+    ctx = model.prepare(TINY.tokens(), capture_attention=True)
     z = model.init_state(ctx)
     for k in range(2):
         z = model.step(z, ctx, k)
@@ -158,8 +158,8 @@ def test_plt_local_branch_stays_in_its_window():
 @pytest.mark.parametrize("injection", ["add", "concat"])
 @pytest.mark.parametrize("deq_norm", ["spectral", "weight"])
 def test_deq_residual_shrinks(injection, deq_norm):
-    model = tiny("deq", injection=injection, deq_norm=deq_norm)
-    ctx = model.prepare(tokens())
+    model = TINY.model("deq", injection=injection, deq_norm=deq_norm)
+    ctx = model.prepare(TINY.tokens())
     z = model.init_state(ctx)
     residuals = []
     with torch.no_grad():
@@ -173,9 +173,9 @@ def test_deq_residual_shrinks(injection, deq_norm):
 
 
 def test_deq_training_mode_keeps_one_map_per_context():
-    model = tiny("deq").train()
-    ctx = model.prepare(tokens())
+    model = TINY.model("deq").train()
+    ctx = model.prepare(TINY.tokens())
     z = torch.randn(3, 10, 32)
     assert torch.equal(model.step(z, ctx, 0), model.step(z, ctx, 5))
-    assert torch.equal(copy.deepcopy(model).eval()(tokens(), loops=2),
-                       model.eval()(tokens(), loops=2))
+    assert torch.equal(copy.deepcopy(model).eval()(TINY.tokens(), loops=2),
+                       model.eval()(TINY.tokens(), loops=2))

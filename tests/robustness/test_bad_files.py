@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from experiments.cli import diagnose_main, plot_main
+from experiments.cli.tools import diagnose_main, plot_main
 from experiments.tasks import build_task
 from models import build_model, load_model, save_model
 

@@ -1,6 +1,6 @@
 """Bad input, table-driven (issue #7): every case gets one clear line, never a traceback.
 
-Command-line cases run ``experiments.app.main`` in-process (the same code as the console script,
+Command-line cases run ``experiments.cli.app.main`` in-process (the same code as the console script,
 fast) and assert exit status 2, the key words of the message and no "Traceback" on stderr; two
 cases also run the real console entry point in a subprocess. API cases call the public functions
 of ``fixedpoint``, ``halting`` and ``models`` and assert the documented exception type (ValueError,
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.app import main
+from experiments.cli.app import main
 from fixedpoint import classify, solve, spectral_radius
 from halting import run_loop
 from models import build_model

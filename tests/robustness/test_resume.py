@@ -22,8 +22,8 @@ import pandas as pd
 import pytest
 from _app_helpers import compose_cfg
 
-from experiments.app import job_seed, run
 from experiments.results import collect
+from experiments.study import job_seed, run
 
 ROOT = Path(__file__).resolve().parents[2]
 # one tiny fixed-loop model; long enough (~3 s of training) to be killed mid-way

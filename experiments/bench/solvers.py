@@ -1,0 +1,385 @@
+"""Benchmarks of the fixed-point machinery: ``solvers``, ``per_sample``, ``memory``.
+
+* ``solvers``: every solver of ours (``fixedpoint.SOLVERS`` except the ``torchdeq.*``
+  pass-throughs) against torchdeq 0.1.0's own ``fixed_point_iter``, ``anderson`` and ``broyden``
+  (called directly through ``torchdeq.solver.get_solver``, with their defaults) on three problems
+  f(z) = tanh(W z + x), batch 64 x 256, x ~ 0.1 N(0, 1), fp32 (REFERENCE.md §3): W Gaussian
+  scaled to spectral norm 0.9; 0.95 x an orthogonal matrix; a symmetric matrix with eigenvalues
+  evenly spread in [-0.99, 0.99]. Same norm, same tolerance for both libraries: we run
+  ``stop_mode="abs"`` (our abs residual is ||f(z) - z||_2 / sqrt(256) per sample) with
+  ``tol = 1e-5``; torchdeq's ``abs`` is ||f(z) - z||_2 per sample, so it gets
+  ``tol = 1e-5 * sqrt(256)``. Every returned z is then
+  re-checked in that one norm (``achieved``) and only solvers that reach the tolerance on every
+  sample compete for "best". Function evaluations are counted by wrapping f (rows evaluated / B,
+  so a per-sample stop shows as a fraction of a batch-wide step); torchdeq's stop is batch-wide.
+  ``torchdeq.simple_fixed_point_iter`` is left out: it has no stopping rule (it always runs
+  ``max_iter`` steps) and calls ``f(z, tau=...)``.
+  Bookkeeping: ``solve(solver="fixed_point_iter")`` for N iterations that cannot reach the
+  tolerance, against a bare ``for _ in range(N): z = f(z)`` loop of the same f; torchdeq's
+  ``fixed_point_iter`` beside it.
+* ``per_sample``: f_i(z) = tanh(r_i Q z + x_i) with Q orthogonal and contraction factors r_i
+  spread evenly over [0.5, 0.99]: per-sample stopping against stopping the batch when its
+  slowest sample has converged (see ``bench_per_sample`` for how the batch-wide side is run).
+* ``memory``: peak memory of one training step (forward solve of the ``deq`` model's step map,
+  readout, cross-entropy, backward) with ``backward="implicit"`` and ``"unroll"`` at 8, 16, 32 and
+  64 forward iterations (peak measured as described in ``experiments.bench.core``).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchdeq.solver import get_solver as torchdeq_solver
+
+from experiments.bench.core import (
+    BENCHMARKS,
+    BenchConfig,
+    Row,
+    alternate,
+    make_row,
+    peak_memory,
+    ratios,
+    saved_tensor_bytes,
+)
+from experiments.bench.loop import random_tokens, tiny_model
+from fixedpoint.problem import Problem as FixedPointProblem
+from fixedpoint.solve import SOLVERS, solve
+
+TORCHDEQ_SOLVERS = ("fixed_point_iter", "anderson", "broyden")
+BATCH, DIM, TOL, MAX_ITER = 64, 256, 1e-5, 500
+# x ~ 0.1 N(0, 1): tanh stays near its linear range, so the contraction is close to the nominal
+# 0.9 / 0.95 / 0.99 (with x ~ N(0, 1) saturation roughly halves it and every problem is easy).
+INJECT_SCALE = 0.1
+
+
+@dataclass
+class Problem:
+    """f(z) = tanh(scale * (z @ W^T) + x), rows independent; ``rows`` selects per-sample data."""
+
+    name: str
+    weight_t: Tensor  # (D, D), W transposed
+    inject: Tensor  # (B, D)
+    scale: Tensor | None = None  # (B, 1) per-sample contraction factors
+
+    def f(self, z: Tensor, rows: Tensor | None = None) -> Tensor:
+        inject = self.inject if rows is None else self.inject[rows]
+        mixed = z @ self.weight_t  # (n, D)
+        if self.scale is not None:
+            mixed = mixed * (self.scale if rows is None else self.scale[rows])
+        return torch.tanh(mixed + inject)
+
+    def plain(self, z: Tensor) -> Tensor:
+        """The whole-batch map without the ``rows`` keyword (torchdeq and bare loops)."""
+        return self.f(z)
+
+    def residual(self, z: Tensor) -> Tensor:
+        """(B,) ||f(z) - z||_2 / sqrt(D): the one norm both libraries are judged in."""
+        with torch.no_grad():
+            return (self.f(z) - z).flatten(1).norm(dim=1) / math.sqrt(z[0].numel())
+
+
+def _orthogonal(dim: int, generator: torch.Generator) -> Tensor:
+    q, r = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))  # Haar-distributed
+
+
+def make_problems(device: torch.device, seed: int) -> list[Problem]:
+    """The three problems of issue #6 (float32, batch 64 x 256)."""
+    generator = torch.Generator().manual_seed(seed)
+    gaussian = torch.randn(DIM, DIM, generator=generator, dtype=torch.float64)
+    gaussian *= 0.9 / torch.linalg.matrix_norm(gaussian, ord=2)
+    orthogonal = 0.95 * _orthogonal(DIM, generator)
+    basis = _orthogonal(DIM, generator)
+    symmetric = basis @ torch.diag(torch.linspace(-0.99, 0.99, DIM, dtype=torch.float64)) \
+        @ basis.T
+    inject = INJECT_SCALE * torch.randn(BATCH, DIM, generator=generator)
+    return [Problem(name, w.T.contiguous().float().to(device), inject.to(device))
+            for name, w in (("gaussian 0.9", gaussian), ("0.95 orthogonal", orthogonal),
+                            ("symmetric ±0.99", symmetric))]
+
+
+def ours(name: str, problem: Problem, f: Callable[..., Tensor], *, tol: float = TOL,
+         max_iter: int = MAX_ITER) -> Callable[[], Tensor]:
+    z0 = torch.zeros_like(problem.inject)
+
+    def run() -> Tensor:
+        with torch.no_grad():
+            return solve(f, z0, solver=name, tol=tol, max_iter=max_iter, stop_mode="abs").z
+
+    return run
+
+
+def theirs(name: str, problem: Problem, f: Callable[[Tensor], Tensor], *, tol: float = TOL,
+           max_iter: int = MAX_ITER) -> Callable[[], Tensor]:
+    z0 = torch.zeros_like(problem.inject)
+    solver = torchdeq_solver(name)
+    their_tol = tol * math.sqrt(DIM)  # torchdeq's abs residual is not divided by sqrt(D)
+
+    def run() -> Tensor:
+        with torch.no_grad():
+            return solver(f, z0, max_iter=max_iter, tol=their_tol, stop_mode="abs")[0]
+
+    return run
+
+
+class Counter:
+    """Wraps a map and counts the rows it is evaluated on."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.problem, self.rows = problem, 0
+
+    def f(self, z: Tensor, rows: Tensor | None = None) -> Tensor:
+        self.rows += z.shape[0]
+        return self.problem.f(z, rows)
+
+    def plain(self, z: Tensor) -> Tensor:
+        self.rows += z.shape[0]
+        return self.problem.f(z)
+
+
+def _solver_cases(problem: Problem) -> dict[str, tuple[Callable[[], Tensor], Counter]]:
+    """``{"ours:anderson": (timed callable, counted run's counter), ...}``."""
+    cases = {}
+    for name in [n for n in SOLVERS.names() if not n.startswith("torchdeq.")]:
+        counter = Counter(problem)
+        cases[f"ours:{name}"] = (ours(name, problem, problem.f), counter,
+                                 ours(name, problem, counter.f))
+    for name in TORCHDEQ_SOLVERS:
+        counter = Counter(problem)
+        cases[f"torchdeq:{name}"] = (theirs(name, problem, problem.plain), counter,
+                                     theirs(name, problem, counter.plain))
+    return cases
+
+
+def _best(table: list[dict[str, Any]], library: str, key: str) -> dict[str, Any] | None:
+    eligible = [e for e in table if e["library"] == library and e["converged"]]
+    return min(eligible, key=lambda e: e[key]) if eligible else None
+
+
+def _problem_rows(problem: Problem, cfg: BenchConfig) -> list[Row]:
+    cases = _solver_cases(problem)
+    table = []
+    for label, (_, counter, counted) in cases.items():
+        achieved = float(problem.residual(counted()).max())
+        library, name = label.split(":")
+        table.append({"library": library, "solver": name, "evaluations": counter.rows / BATCH,
+                      "achieved": achieved, "converged": achieved <= TOL * (1 + 1e-3)})
+    # the counted runs above were the warm-up; one more call calibrates the timing
+    times = alternate({label: timed for label, (timed, _, _) in cases.items()}, cfg,
+                      reps=3 if cfg.quick else None, warmup=1)
+    for entry in table:
+        entry["median ms"] = 1e3 * statistics.median(times[f"{entry['library']}:{entry['solver']}"])
+    config = {"problem": problem.name, "batch": BATCH, "dim": DIM, "tol": TOL,
+              "max_iter": MAX_ITER, "dtype": "float32", "stop_mode": "abs"}
+    raw = {"seconds": times, "table": table}
+    rows = []
+    for key, what in (("evaluations", "f evaluations"), ("median ms", "wall time")):
+        mine, best = _best(table, "ours", key), _best(table, "torchdeq", key)
+        compared = f"{problem.name}: {what}, our best / torchdeq best"
+        if mine is None or best is None:
+            rows.append(make_row("solvers", compared, [math.nan], "< 1", raw=raw, config=config,
+                                 note="no converged solver on "
+                                      f"{'our' if mine is None else 'torchdeq'} side"))
+            continue
+        compared += f" ({mine['solver']} / {best['solver']})"
+        per_rep = [mine["evaluations"] / best["evaluations"]] if key == "evaluations" else \
+            ratios(times, f"ours:{mine['solver']}", f"torchdeq:{best['solver']}")
+        rows.append(make_row("solvers", compared, per_rep, "< 1", raw=raw, config=config,
+                             note=f"{mine['evaluations']:.1f} vs {best['evaluations']:.1f} "
+                                  "evaluations per sample"))
+    return rows
+
+
+def _bookkeeping_rows(problem: Problem, cfg: BenchConfig) -> list[Row]:
+    """fixed_point_iter for N iterations / a bare ``z = f(z)`` loop of N iterations."""
+    iterations, tol = 100, 1e-9  # 0.95-orthogonal: far from 1e-9 after 100 iterations
+    z0 = torch.zeros_like(problem.inject)
+
+    def bare() -> Tensor:
+        with torch.no_grad():
+            z = z0
+            for _ in range(iterations):
+                z = problem.plain(z)
+            return z
+
+    ours_counter, their_counter = Counter(problem), Counter(problem)
+    ours("fixed_point_iter", problem, ours_counter.f, tol=tol, max_iter=iterations)()
+    theirs("fixed_point_iter", problem, their_counter.plain, tol=tol, max_iter=iterations)()
+    times = alternate({
+        "bare": bare,
+        "ours": ours("fixed_point_iter", problem, problem.f, tol=tol, max_iter=iterations),
+        "torchdeq": theirs("fixed_point_iter", problem, problem.plain, tol=tol,
+                           max_iter=iterations),
+    }, cfg)
+    config = {"problem": problem.name, "batch": BATCH, "dim": DIM, "iterations": iterations}
+    raw = {"seconds": times, "rows_evaluated": {"ours": ours_counter.rows,
+                                                "torchdeq": their_counter.rows}}
+    note = (f"rows evaluated: ours {ours_counter.rows}, torchdeq {their_counter.rows}, "
+            f"bare {BATCH * iterations}")
+    return [
+        make_row("solvers", f"fixed_point_iter bookkeeping: ours ({iterations} it) / bare loop",
+                 ratios(times, "ours", "bare"), "<= 1.5", raw=raw, config=config, note=note),
+        make_row("solvers", f"fixed_point_iter bookkeeping: torchdeq ({iterations} it) / bare "
+                 "loop", ratios(times, "torchdeq", "bare"), None, raw=raw, config=config,
+                 note=note),
+    ]
+
+
+@BENCHMARKS.register("solvers")
+def bench_solvers(cfg: BenchConfig) -> list[Row]:
+    """Our solvers vs torchdeq 0.1.0's on three problems, and fixed_point_iter's bookkeeping."""
+    problems = make_problems(cfg.device, cfg.seed)
+    rows: list[Row] = []
+    for problem in problems:
+        rows.extend(_problem_rows(problem, cfg))
+    rows.extend(_bookkeeping_rows(problems[1], cfg))
+    return rows
+
+
+# -- per_sample ----------------------------------------------------------------------------------
+def spread_problem(device: torch.device, seed: int) -> Problem:
+    """f_i(z) = tanh(r_i Q z + x_i), Q orthogonal, r_i evenly spread over [0.5, 0.99]."""
+    generator = torch.Generator().manual_seed(seed + 7)
+    weight = _orthogonal(DIM, generator)
+    scale = torch.linspace(0.5, 0.99, BATCH)[:, None]  # (B, 1)
+    inject = INJECT_SCALE * torch.randn(BATCH, DIM, generator=generator)
+    return Problem("rates 0.5..0.99", weight.T.contiguous().float().to(device), inject.to(device),
+                   scale.to(device))
+
+
+def batchwide(name: str, problem: Problem, iterations: int) -> Callable[[], Tensor]:
+    """Our solver ``name`` with per-sample freezing disabled, run ``iterations`` steps.
+
+    ``fixedpoint.problem.Problem(freeze=False)`` records residuals but freezes no row, so every
+    row is evaluated every step: the batch-wide stop, with the slowest sample's step count as an
+    oracle stopping point (its per-step "whole batch below tol?" check is not paid).
+    """
+    z0 = torch.zeros_like(problem.inject)
+    solver = SOLVERS.get(name)
+
+    def run() -> Tensor:
+        with torch.no_grad():
+            state = FixedPointProblem(problem.f, z0, tol=TOL, max_iter=iterations,
+                                      stop_mode="abs", solver=name, freeze=False)
+            return solver(state).z
+
+    return run
+
+
+@BENCHMARKS.register("per_sample")
+def bench_per_sample(cfg: BenchConfig) -> list[Row]:
+    """Per-sample stopping / batch-wide stopping on samples with contraction 0.5..0.99.
+
+    For ``fixed_point_iter`` and ``anderson``: f-evaluation rows (per-sample: the sum of the
+    samples' steps; batch-wide: B x the largest, exact because rows never influence each other)
+    and wall time against the same solver with freezing disabled (``batchwide``).
+    """
+    problem = spread_problem(cfg.device, cfg.seed)
+    max_iter = 3000
+    z0 = torch.zeros_like(problem.inject)
+    config = {"problem": problem.name, "batch": BATCH, "dim": DIM, "tol": TOL,
+              "stop_mode": "abs", "max_iter": max_iter}
+    rows = []
+    for name in ("fixed_point_iter", "anderson"):
+        with torch.no_grad():
+            solution = solve(problem.f, z0, solver=name, tol=TOL, max_iter=max_iter,
+                             stop_mode="abs")
+        slowest = int(solution.steps.max())
+        per_sample, batch_rows = int(solution.steps.sum()), BATCH * slowest
+        raw = {"steps": solution.steps, "converged": int(solution.converged.sum())}
+        note = (f"{per_sample} vs {batch_rows} rows; steps per sample "
+                f"{int(solution.steps.min())}..{slowest}; {raw['converged']}/{BATCH} converged")
+        rows.append(make_row("per_sample", f"{name}: f-evaluation rows, per-sample / batch-wide",
+                             [per_sample / batch_rows], None, raw=raw, config=config, note=note))
+        times = alternate({
+            "per_sample": ours(name, problem, problem.f, max_iter=max_iter),
+            "batch_wide": batchwide(name, problem, slowest),
+        }, cfg, reps=3 if cfg.quick else None, warmup=1)
+        rows.append(make_row(
+            "per_sample", f"{name}: wall time, per-sample / batch-wide (freezing off)",
+            ratios(times, "per_sample", "batch_wide"), None, raw={"seconds": times},
+            config=config, note="batch-wide: our solver with Problem(freeze=False) run for the "
+                                "slowest sample's steps"))
+    return rows
+
+
+# -- memory --------------------------------------------------------------------------------------
+def deq_training_step(model: Any, tokens: Tensor, iterations: int, backward: str) -> int:
+    """One training step through a forward solve of the ``deq`` model's step map.
+
+    Returns the largest number of forward iterations any sample ran (the tolerance is set out of
+    reach so that every sample runs ``iterations``).
+    """
+    ctx = model.prepare(tokens)
+    z0 = model.init_state(ctx)
+    batch = z0.shape[0]
+
+    def f(z: Tensor, rows: Tensor | None = None) -> Tensor:
+        sub = ctx if rows is None or rows.numel() == batch else ctx.select(rows)
+        return model.step(z, sub, 1)
+
+    solution = solve(f, z0, solver="fixed_point_iter", tol=1e-30, max_iter=iterations,
+                     stop_mode="abs", backward=backward)
+    logits = model.readout(solution.z, ctx)  # (B, T, V)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return int(solution.steps.max())
+
+
+def _memory_of_step(model: Any, tokens: Tensor, iterations: int, backward: str,
+                    cfg: BenchConfig) -> tuple[int, int, int]:
+    """(peak bytes, saved-tensor bytes, iterations run) of one DEQ training step."""
+    ran: list[int] = []
+
+    def step() -> None:
+        with cfg.autocast():
+            ran.append(deq_training_step(model, tokens, iterations, backward))
+
+    peak = peak_memory(step, cfg.device)
+    saved = saved_tensor_bytes(step)
+    return peak, saved, ran[-1]
+
+
+@BENCHMARKS.register("memory")
+def bench_memory(cfg: BenchConfig) -> list[Row]:
+    """Peak memory of a DEQ training step: implicit vs unroll at 8, 16, 32, 64 iterations."""
+    size = dict(batch=8, seq_len=32, d_model=64) if cfg.quick else \
+        dict(batch=16, seq_len=64, d_model=64)
+    model = tiny_model("deq", cfg, train=True, d_model=size["d_model"], n_layers=1,
+                       vocab_size=64, max_seq_len=size["seq_len"])
+    tokens = random_tokens(64, size["batch"], size["seq_len"], cfg)
+    for backward in ("implicit", "unroll"):  # warm-up: lazy initialisations do not count
+        deq_training_step(model, tokens, 8, backward)
+    table, peaks = [], {}
+    for iterations in (8, 16, 32, 64):
+        entry: dict[str, Any] = {"iterations": iterations}
+        for backward in ("implicit", "unroll"):
+            peak, saved, ran = _memory_of_step(model, tokens, iterations, backward, cfg)
+            peaks[(backward, iterations)] = peak
+            entry[f"{backward} MiB"] = peak / 2**20
+            entry[f"{backward} saved MiB"] = saved / 2**20
+            entry[f"{backward} ran"] = ran
+        entry["implicit / unroll"] = entry["implicit MiB"] / entry["unroll MiB"]
+        table.append(entry)
+    config = {"arch": "deq", "n_layers": 1, "solver": "fixed_point_iter", **size}
+    raw = {"table": table, "method": "torch.profiler [memory] events (CPU) / "
+           "max_memory_allocated (CUDA)"}
+    growth = peaks[("implicit", 64)] / peaks[("implicit", 8)]
+    versus = peaks[("implicit", 64)] / peaks[("unroll", 64)]
+    return [
+        make_row("memory", "implicit backward: peak at 64 iterations / at 8", [growth],
+                 "<= 1.1", raw=raw, config=config,
+                 note=f"{peaks[('implicit', 8)] / 2**20:.2f} -> "
+                      f"{peaks[('implicit', 64)] / 2**20:.2f} MiB"),
+        make_row("memory", "peak at 64 iterations: implicit / unroll", [versus], "<= 0.2",
+                 raw=raw, config=config,
+                 note=f"{peaks[('unroll', 64)] / 2**20:.2f} MiB unrolled"),
+    ]

@@ -1,0 +1,1 @@
+"""Configuration: composing and validating a study's settings (``experiments.config.validate``)."""

@@ -1,0 +1,34 @@
+"""Hugging Face transformers models behind loopscope's ``LoopedModel`` interface (extra ``hf``).
+
+- ``from_pretrained(path, loop_layers=(a, b), injection=...)``: a local checkpoint directory as a
+  looped model — ``RetrofitLoop`` (decoder layers ``[a, b)`` looped; ``llama``, ``mistral``,
+  ``qwen2``, ``qwen3``, ``gpt2``) or ``HrmLoop`` (transformers' native looped ``hrm_text``, one
+  H-cycle per loop). ``build_model("hf", path=..., loop_layers=..., injection=...)`` is the same.
+- ``save_pretrained(model, path)``: the checkpoint plus the adapter's settings and weights.
+
+transformers is imported only when a model is loaded or run; without it the error names the extra
+(``pip install -e '.[hf]'``).
+"""
+
+from models.hf.adapter import HFLoopConfig, HFLoopedModel
+from models.hf.hrm import HrmLoop
+from models.hf.loading import (
+    SUPPORTED_MODEL_TYPES,
+    from_pretrained,
+    is_hf_checkpoint,
+    require_transformers,
+    save_pretrained,
+)
+from models.hf.retrofit import RetrofitLoop
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "HFLoopConfig",
+    "HFLoopedModel",
+    "HrmLoop",
+    "RetrofitLoop",
+    "from_pretrained",
+    "is_hf_checkpoint",
+    "require_transformers",
+    "save_pretrained",
+]
