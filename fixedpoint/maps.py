@@ -97,7 +97,7 @@ class RowMap:
         if self.rows_form:
             return self.f(z, rows=self._all_rows(z) if rows is None else rows)
         if full:
-            self._full = z.detach()
+            self._full = z  # every row's latest state, detached only if whole-batch mode needs it
             return self.f(z)
         if not self.whole_batch:
             out = self._try_subset(z)
@@ -125,7 +125,7 @@ class RowMap:
 
     def _through_whole_batch(self, z: Tensor, rows: Tensor) -> Tensor:
         """f on the whole batch, stopped rows frozen at their last state; the rows' images."""
-        state = self._full.to(z.dtype).index_copy(0, rows, z)
+        state = self._full.detach().to(z.dtype).index_copy(0, rows, z)
         self._full = state.detach()
         out = self.f(state)
         if not isinstance(out, Tensor) or out.shape != state.shape:

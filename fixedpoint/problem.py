@@ -276,7 +276,8 @@ class Problem:
             # Fast path, one reduction and no per-row mask: no row stops if the smallest residual
             # is above tol and the largest below every row's limit (NaN fails both tests).
             low, high = torch.aminmax(residual)
-            if float(low) > self._threshold and float(high) <= self._min_limit:
+            low, high = torch.stack((low, high)).tolist()  # one host sync, not two
+            if low > self._threshold and high <= self._min_limit:
                 return None
             going = (residual > self._threshold) & (residual <= self._limit)
         if bool(going.all()):

@@ -222,7 +222,9 @@ def _weigh_map(label: Tensor, noisy: Tensor, ev: dict[str, Tensor]) -> tuple[Ten
     # (a Jordan block's norm grows ~1e7x before it decays).
     moving = (label == _INDEX["diverging"]) | (label == _INDEX["drifting"])
     affine = ev["affine"] & moving
-    label = torch.where(affine & (rho + error < 1), _INDEX["converging"], label)
+    # a bounded but unsettled orbit of a contracting affine map is a transient too
+    settling = ev["affine"] & (moving | (label == _INDEX["aperiodic"]))
+    label = torch.where(settling & (rho + error < 1), _INDEX["converging"], label)
     label = torch.where(affine & (rho - error > 1), _INDEX["diverging"], label)
     lyap = torch.where(ev["affine"], rho.clamp_min(1e-300).log(), lyap)
     aperiodic = label == _INDEX["aperiodic"]

@@ -50,7 +50,7 @@ def test_diagnose_prints_a_verdict_table(saved_run, capsys):
     header, rule, *rows = out.strip().splitlines()[1:]
     assert header.split()[:3] == ["verdict", "count", "share"] and "median rho" in header
     labels = {"converged", "converging", "periodic", "quasi_periodic", "chaotic", "aperiodic",
-              "drifting", "diverging"}
+              "drifting", "diverging", "undetermined"}
     assert rows and all(row.split()[0] in labels for row in rows)
     assert sum(int(row.split()[-4]) for row in rows) == 8  # counts cover the batch
 

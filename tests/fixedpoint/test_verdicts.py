@@ -14,7 +14,10 @@ from fixedpoint.systems import all_systems, get_system, trajectory
 from fixedpoint.verdicts import LABELS, Verdicts, classify, default_tolerances
 
 K = 256
-SUITE = all_systems()
+# Systems of issue 10 whose verdict needs the map (Jordan transients look like divergence from the
+# trajectory alone), or a longer horizon (Lorenz), are checked in test_verdicts_hard.py.
+HARD = {"jordan8_0.95", "jordan16_0.95", "lorenz", "logistic_3.74", "slow_contraction"}
+SUITE = [system for system in all_systems() if system.name not in HARD]
 
 
 
