@@ -87,7 +87,8 @@ def test_classify_works_or_raises_a_documented_error(shape, k, dtype, fill, seed
     if verdicts is not None:
         assert len(verdicts) == math.prod(states.shape[1:3 if per_token else 2])
         assert set(verdicts.label) <= {"converged", "converging", "periodic", "quasi_periodic",
-                                       "chaotic", "aperiodic", "drifting", "diverging", "undetermined"}
+                                       "chaotic", "aperiodic", "drifting", "diverging",
+                                       "undetermined"}
 
 
 @FAST
