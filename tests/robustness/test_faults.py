@@ -225,6 +225,8 @@ def _is_atomic(call: ast.Call, stack: list[ast.AST], source: str) -> bool:
     target = " ".join(ast.unparse(arg) for arg in [call.func, *call.args])
     if "devnull" in target:
         return True
+    if ast.unparse(call.args[0]) == "buffer" if call.args else False:
+        return "io.BytesIO()" in source  # an in-memory buffer, written to disk atomically later
     return "os.replace" in source and any(w in target for w in ("tmp", "temp", "staging"))
 
 
