@@ -81,15 +81,8 @@ class HFLoopedModel(LoopedModel):
         self.halt_head.to(self.param_dtype)
         self._record: Callable[[str, Tensor], None] | None = None
 
-    # -- properties callers read -----------------------------------------------------------
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def d_model(self) -> int:
-        return self.config.d_model
-
+    # vocab_size and d_model come from LoopedModel (read off ``self.config``); a foreign
+    # checkpoint has no reserved halt token.
     @property
     def halt_token_id(self) -> int | None:
         return None
