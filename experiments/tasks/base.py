@@ -10,10 +10,10 @@ Every task has a difficulty knob and three splits that never share an example:
   to measure extrapolation with extra loops; it is disjoint from the others by length.
 * ``pycode`` splits by file instead: a hash of each file's relative path picks its split.
 
-Tasks (vocabularies are small; every task reserves ``pad_id`` and a ``halt_token_id`` so the
-
-Each task lives in its own module of this package (``parity``, ``addition``, ``s5``, ``phop``,
-``pycode``) and registers itself in ``TASKS``; ``experiments.tasks`` imports them all.
+Vocabularies are small; every task reserves a ``pad_id`` and a ``halt_token_id`` so that the
+halt-token controller works on any of them. Each task lives in its own module of this package
+(``parity``, ``parity_vector``, ``addition``, ``s5``, ``phop``, ``pycode``), whose docstring
+describes it, and registers itself in ``TASKS``; ``experiments.tasks`` imports them all.
 
 Example:
     >>> task = build_task("parity", max_len=8)
