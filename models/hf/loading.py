@@ -17,9 +17,11 @@ so a checkpoint changed at the same path never resumes or skips a run made with 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,10 +114,23 @@ def from_pretrained(path: str | os.PathLike[str], loop_layers: Any = None,
         kwargs["attn_implementation"] = settings["attn_implementation"]
     if dtype is not None:
         kwargs["dtype"] = dtype
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    with _no_progress_bar(transformers):  # a study loads it once per model: no bar each time
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     model = _wrap(hf_model, settings)
     _load_adapter_weights(model, directory)
     return set_trainable(model, trainable).eval()
+
+
+@contextlib.contextmanager
+def _no_progress_bar(transformers: Any) -> Iterator[None]:
+    logging = transformers.utils.logging
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
 
 
 def inspect_checkpoint(path: str | os.PathLike[str], loop_layers: Any = None,
