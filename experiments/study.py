@@ -126,11 +126,19 @@ def hydra_job_num() -> int | None:
 
 def plan_models(conf: dict[str, Any], valid: ValidConfig) -> list[Any]:
     """The models to train, in order (see the comment at the top of ``conf/config.yaml``)."""
+    from experiments.config.validate import AS_LOADED
     from experiments.train import TrainPlan
 
     study, controller = conf["study"], conf["controller"]
     plans: dict[str, TrainPlan] = {}
     for key, fields in valid.models.items():
+        if AS_LOADED in fields:  # a checkpoint evaluated as loaded: one model, nothing trained
+            loops = fields[AS_LOADED]
+            build = {k: v for k, v in fields.items() if k != AS_LOADED}
+            run_id = f"{key}-fixed-L{loops}"
+            plans[run_id] = TrainPlan(run_id, fields["arch"], build, "fixed", {"name": "fixed"},
+                                      int(loops), dict(conf["task"]), finetune=False)
+            continue
         objectives = []
         if controller["name"] == "fixed":
             for loops in study["train_loops"] or [controller["loops"]]:
@@ -229,6 +237,34 @@ def _evaluate_and_write(conf: dict[str, Any], valid: ValidConfig, trained: list[
             "rows": {name: len(frame) for name, frame in frames.items()}}
 
 
+def _notes(conf: dict[str, Any], trained: list[Any]) -> list[str]:
+    """Lines report.md states above everything: which models came from a Hugging Face checkpoint
+    and whether they were trained on the task."""
+    groups: dict[tuple[str, bool], list[Any]] = {}
+    for t in trained:
+        if t.plan.model_fields.get("arch") in ("hf", "hf_retrofit"):
+            groups.setdefault((t.plan.model_fields["path"], t.plan.finetune), []).append(t)
+    notes = []
+    for (path, finetune), group in groups.items():
+        fields = group[0].plan.model_fields
+        layers = fields.get("loop_layers")
+        looped = f"decoder layers [{layers[0]}, {layers[1]}) looped" if layers else \
+            "natively looped"
+        names = ", ".join(f"`{t.plan.run_id}`" for t in group)
+        if finetune:
+            notes.append(f"Fine-tuned on the task from the Hugging Face checkpoint `{path}` "
+                         f"({looped}, trainable={fields.get('trainable', 'all')}): {names}.")
+            continue
+        skipped = [n for n in (conf["controller"]["name"], *conf["study"]["learned"])
+                   if n != "fixed"]
+        notes.append(f"**Not trained on the task** (model.finetune=false): {names} is the "
+                     f"Hugging Face checkpoint `{path}` ({looped}) evaluated as loaded; the "
+                     "training steps above do not apply to it"
+                     + (f", and the learned objectives {', '.join(skipped)} were not trained"
+                        if skipped else "") + ".")
+    return notes
+
+
 def _run_info(conf: dict[str, Any], trained: list[Any], seed: int, device: torch.device,
               started: float) -> dict[str, Any]:
     models = [{"run_id": t.plan.run_id, "arch": t.plan.arch, "objective": t.plan.objective,
@@ -237,5 +273,5 @@ def _run_info(conf: dict[str, Any], trained: list[Any], seed: int, device: torch
                # declared by the model (models.LoopedModel); report.md reads it, not the arch name
                "nilpotent_step": bool(t.model.nilpotent_step)} for t in trained]
     return {"config": conf, "seed": seed, "device": str(device),
-            "threads": torch.get_num_threads(), "models": models,
+            "threads": torch.get_num_threads(), "models": models, "notes": _notes(conf, trained),
             "wall_seconds": time.perf_counter() - started}

@@ -1,5 +1,9 @@
 """Checkpoints: weights as ``*.safetensors`` with the config as JSON in its metadata (key
-``loopscope_config``) and in ``<stem>.json`` beside it. Writes are atomic (temp file + rename)."""
+``loopscope_config``) and in ``<stem>.json`` beside it. Writes are atomic (temp file + rename).
+
+A ``models.hf`` adapter is stored the same way, plus its transformers config and adapter settings
+under the metadata key ``loopscope_hf`` (``models.hf.hf_metadata``); ``load_model`` rebuilds it
+from those (``models.hf.rebuild``), so the file does not depend on the directory it came from."""
 
 from __future__ import annotations
 
@@ -18,6 +22,13 @@ from models.build import build_model
 from models.config import ModelConfig
 
 CONFIG_KEY = "loopscope_config"
+HF_KEY = "loopscope_hf"
+
+
+def _is_hf(model: LoopedModel) -> bool:
+    from models.build import HF_ARCHS
+
+    return getattr(model.config, "arch", None) in (*HF_ARCHS, "hf_hrm")
 
 
 def _checkpoint_path(path: str | os.PathLike[str]) -> Path:
@@ -61,6 +72,10 @@ def save_model(model: LoopedModel, path: str | os.PathLike[str]) -> Path:
     config_json = json.dumps(model.config.to_dict(), sort_keys=True)
     tensors = _unique_tensors(model)
     metadata = {CONFIG_KEY: config_json, "format": "pt"}
+    if _is_hf(model):
+        from models.hf import hf_metadata
+
+        metadata[HF_KEY] = json.dumps(hf_metadata(model), sort_keys=True)
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     def write_json(tmp: str) -> None:
@@ -85,6 +100,10 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _config(path: Path, metadata: dict[str, str]) -> ModelConfig:
+    return ModelConfig.from_dict(_config_values(path, metadata))
+
+
+def _config_values(path: Path, metadata: dict[str, str]) -> dict:
     if CONFIG_KEY not in metadata:
         raise ValueError(f"checkpoint {str(path)!r} has no {CONFIG_KEY!r} metadata")
     try:
@@ -102,7 +121,29 @@ def _config(path: Path, metadata: dict[str, str]) -> ModelConfig:
             raise ValueError(
                 f"config {str(sidecar)!r} disagrees with the metadata of {str(path)!r} on {diff}"
             )
-    return ModelConfig.from_dict(values)
+    return values
+
+
+def _build(path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor]
+           ) -> tuple[LoopedModel, str]:
+    """The model a checkpoint describes, with fresh weights, and its arch name."""
+    if HF_KEY not in metadata:
+        config = _config(path, metadata)
+        return build_model(config), config.arch
+    from models.hf import rebuild
+
+    values = _config_values(path, metadata)
+    try:
+        meta = json.loads(metadata[HF_KEY])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"checkpoint {str(path)!r}: {HF_KEY} metadata is not JSON: "
+                         f"{err}") from None
+    dtype = next((t.dtype for t in tensors.values() if t.dtype.is_floating_point), None)
+    model = rebuild(meta, dtype=dtype)
+    if model.config.to_dict() != values:
+        raise ValueError(f"checkpoint {str(path)!r}: its {HF_KEY} metadata does not rebuild the "
+                         f"model its {CONFIG_KEY} describes")
+    return model, str(values.get("arch"))
 
 
 def load_model(path: str | os.PathLike[str], map_location: str | torch.device | None = None
@@ -117,15 +158,14 @@ def load_model(path: str | os.PathLike[str], map_location: str | torch.device | 
     """
     path = _checkpoint_path(path)
     tensors, metadata = _read(path)
-    config = _config(path, metadata)
-    model = build_model(config)
+    model, arch = _build(path, metadata, tensors)
     expected = model.state_dict()
     aliases = set(expected) - set(_unique_tensors(model))  # tied names stored once
     missing = sorted(set(expected) - set(tensors) - aliases)
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"checkpoint {str(path)!r} does not match its config (arch={config.arch!r}): "
+            f"checkpoint {str(path)!r} does not match its config (arch={arch!r}): "
             f"missing {missing[:8]}, unexpected {unexpected[:8]}"
         )
     for name, tensor in tensors.items():

@@ -154,7 +154,9 @@ class ValidConfig:
     Attributes:
         cfg: the whole config as a plain dict (no ``hydra`` key).
         task: the built ``experiments.tasks.Task``.
-        models: architecture key -> full ``ModelConfig`` field dict (task fields filled in).
+        models: architecture key -> full ``ModelConfig`` field dict (task fields filled in); a
+            Hugging Face checkpoint: ``build_model``'s fields (``_check_hf_model``), with
+            ``as_loaded`` set when the study evaluates it without training.
         train, evaluation, study: the checked sections as typed settings (``sections``).
     """
 
@@ -187,6 +189,7 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> ValidConfig:
     task = _build_task(plain["task"])
     models = _check_models(plain, task)
     _check_controllers(plain, models)
+    _check_as_loaded(plain, models)
     return ValidConfig(cfg=plain, task=task, models=models, train=TrainConfig(**plain["train"]),
                        evaluation=EvalConfig(**plain["eval"]), study=StudyConfig(**plain["study"]))
 
@@ -287,12 +290,9 @@ def _check_models(plain: dict[str, Any], task: Any) -> dict[str, dict[str, Any]]
         where = "model" if not plain["study"]["models"] else f"study.models.{key}"
         if not isinstance(section, dict):
             raise ConfigError(f"{where} must be a mapping of ModelConfig fields, got {section!r}")
-        if section.get("arch") in ("hf", "hf_retrofit"):
-            raise ConfigError(
-                f"{where}: a Hugging Face checkpoint is not trained by a study yet; unroll and "
-                f"classify it with loopscope-diagnose {section.get('path')} --loop-layers A B "
-                "--task NAME"
-            )
+        if section.get("arch") in HF_ARCHS:
+            models[key] = _check_hf_model(where, section, task)
+            continue
         for name in TASK_MODEL_FIELDS:
             if name in section:
                 raise ConfigError(f"{where}.{name} is set from the task ({task.name}); remove it")
@@ -310,6 +310,85 @@ def _check_models(plain: dict[str, Any], task: Any) -> dict[str, dict[str, Any]]
             raise ConfigError(f"{where}: {_message(err)}") from None
         models[key] = fields
     return models
+
+
+HF_ARCHS = ("hf", "hf_retrofit")
+# keys of a Hugging Face model section: from_pretrained's arguments plus the study's own two
+HF_KEYS = ("arch", "path", "loop_layers", "injection", "attn_implementation", "trainable",
+           "finetune")
+AS_LOADED = "as_loaded"  # the model field saying the study does not train it (finetune=false)
+
+
+def _check_hf_model(where: str, section: dict[str, Any], task: Any) -> dict[str, Any]:
+    """A local Hugging Face checkpoint section: every key, the directory (no weight loaded), the
+    layer range, and the task's fit (its token ids and sequence length). Returns the fields the
+    study builds it from (``models.build_model``), plus ``as_loaded`` (native loop count) when
+    ``finetune`` is false."""
+    from pathlib import Path
+
+    unknown = sorted(set(section) - set(HF_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]} does not apply to a Hugging Face checkpoint (its "
+                          f"sizes come from its config.json); remove it (~{where}.{unknown[0]}); "
+                          f"valid keys: {', '.join(HF_KEYS)}")
+    path = section.get("path")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{where}.path={path!r} is invalid; expected a local Hugging Face "
+                          "checkpoint directory")
+    finetune = section.get("finetune", True)
+    _check_value(f"{where}.finetune", finetune, BOOL)
+    try:
+        from models.hf import TRAINABLE, inspect_checkpoint
+
+        trainable = section.get("trainable", "all")
+        if trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
+        hf_config, settings = inspect_checkpoint(path, section.get("loop_layers"),
+                                                 section.get("injection"),
+                                                 attn_implementation=section.get(
+                                                     "attn_implementation"))
+    except (ImportError, ValueError, OSError) as err:
+        raise ConfigError(f"{where}: {_message(err)}") from None
+    vocab = int(hf_config.vocab_size)
+    if task.vocab_size > vocab:
+        raise ConfigError(f"{where}: task {task.name} uses token ids 0..{task.vocab_size - 1} "
+                          f"(task vocab_size={task.vocab_size}), more than the checkpoint's "
+                          f"vocab_size={vocab}; choose a task with a smaller vocabulary or "
+                          "another checkpoint")
+    positions = int(hf_config.max_position_embeddings)
+    if task.seq_len > positions:
+        raise ConfigError(f"{where}: task {task.name} makes sequences of {task.seq_len} tokens "
+                          f"(hard split included), more than the checkpoint's "
+                          f"max_position_embeddings={positions}; shorten the task's lengths")
+    loop_layers = settings["loop_layers"]
+    fields = {"arch": section.get("arch", "hf_retrofit"), "path": str(Path(path).resolve()),
+              "loop_layers": None if loop_layers is None else list(loop_layers),
+              "injection": settings["injection"],
+              "attn_implementation": settings["attn_implementation"], "trainable": trainable}
+    if not finetune:  # one loop is the checkpoint itself (retrofit); HRM runs its H-cycles
+        fields[AS_LOADED] = int(getattr(hf_config, "H_cycles", 1)) if loop_layers is None else 1
+    return fields
+
+
+def needs_training(controller: Any) -> bool:
+    """Whether a controller has a training objective of its own (a learned halting head)."""
+    from halting.base import LoopController
+
+    return type(controller).loss_terms is not LoopController.loss_terms
+
+
+def _check_as_loaded(plain: dict[str, Any], models: dict[str, dict[str, Any]]) -> None:
+    """A model evaluated as loaded has an untrained halting head: no evaluation controller may
+    read one."""
+    from halting import build_controller
+
+    if not any(AS_LOADED in fields for fields in models.values()):
+        return
+    for name, section in plain["eval"]["controllers"].items():
+        if needs_training(build_controller(dict(section))):
+            raise ConfigError(f"eval.controllers.{name} ({section['name']}) needs a trained "
+                              "halting head, but model.finetune=false evaluates the checkpoint as "
+                              f"loaded; remove it (~eval.controllers.{name}) or fine-tune")
 
 
 def controller_sections(plain: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:

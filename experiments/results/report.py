@@ -83,6 +83,7 @@ def _header(info: dict[str, Any], quality: str) -> str:
     if "wall_seconds" in info:
         lines.append(f"Wall time {info['wall_seconds']:.1f} s on {info.get('threads', '?')} "
                      f"thread(s), device {info.get('device', '?')}.")
+    lines += [f"\n> {note}" for note in info.get("notes", [])]  # e.g. a model not trained
     return "\n".join(lines)
 
 

@@ -60,7 +60,24 @@ def result_config(conf: Mapping[str, Any], seed: int) -> dict[str, Any]:
     flat = {k: v for k, v in flatten(conf).items()
             if not any(k == skip or k.startswith(f"{skip}.") for skip in NOT_RESULT_KEYS)}
     flat["seed"] = seed
+    flat.update(checkpoint_identities(conf))
     return flat
+
+
+def checkpoint_identities(conf: Mapping[str, Any]) -> dict[str, str]:
+    """``<model section>.checkpoint_sha256`` of every Hugging Face checkpoint the run reads
+    (``models.hf.checkpoint_identity``): a checkpoint replaced at the same path changes the
+    fingerprint, so its old run is never resumed or skipped."""
+    sections = dict(conf.get("study", {}).get("models") or {})
+    where = {f"study.models.{k}": v for k, v in sections.items()} if sections else \
+        {"model": conf.get("model", {})}
+    found = {}
+    for name, section in where.items():
+        if isinstance(section, Mapping) and section.get("arch") in ("hf", "hf_retrofit"):
+            from models.hf import checkpoint_identity
+
+            found[f"{name}.checkpoint_sha256"] = checkpoint_identity(section["path"])
+    return found
 
 
 def config_hash(flat: Mapping[str, Any]) -> str:

@@ -61,6 +61,8 @@ class TrainPlan:
         loops: training depth (fixed objective) or loop cap (learned objectives).
         task_cfg: the task config (``name`` + params), saved beside the model for
             ``loopscope-diagnose``.
+        finetune: ``False``: nothing is trained or written; the model is evaluated as built
+            (a Hugging Face checkpoint with ``model.finetune=false``).
     """
 
     run_id: str
@@ -70,6 +72,7 @@ class TrainPlan:
     controller_cfg: dict[str, Any]
     loops: int
     task_cfg: dict[str, Any] = field(default_factory=dict)
+    finetune: bool = True
 
 
 @dataclass
@@ -117,6 +120,9 @@ def train_model(plan: TrainPlan, task: Any, train_cfg: dict[str, Any], model_dir
     info = info or DistInfo()
     device = resolve_device(train_cfg["device"], info)
     trainer = _Trainer(plan, task, train_cfg, Path(model_dir), seed, info, device)
+    if not plan.finetune:
+        return TrainResult(plan, trainer.model.eval(), trainer.controller.eval(),
+                           status="not trained")
     status = read_status(trainer.model_dir)
     if status and status.get("status") == "finished" and trainer.store.final_path.exists():
         return trainer.load_finished()

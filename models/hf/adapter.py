@@ -247,6 +247,10 @@ class HFLoopedModel(LoopedModel):
             z = self.step(z, ctx, k)
         return self.readout(z, ctx)
 
+    def loop_modules(self) -> list[nn.Module]:
+        """The modules one ``step`` runs (``trainable=loop`` trains them and the halting head)."""
+        raise NotImplementedError
+
     def adapter_state(self) -> dict[str, Tensor]:
         """The weights that are the adapter's own (not the HF model's), for saving."""
         return {name: t for name, t in self.state_dict().items() if not name.startswith("hf.")}

@@ -52,6 +52,10 @@ class HrmLoop(HFLoopedModel):
         """The checkpoint's own cycle count (``H_cycles``): the depth it was trained at."""
         return int(self.hf.config.H_cycles)
 
+    def loop_modules(self) -> list[nn.Module]:
+        """The modules one loop step (an H-cycle) runs: the L and H stacks."""
+        return [self.hf.model.L_module, self.hf.model.H_module]
+
     def prepare(self, tokens: Tensor, *, capture_attention: bool = False) -> LoopContext:
         tokens = self.check_tokens(tokens)
         body = self.hf.model

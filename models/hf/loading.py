@@ -5,24 +5,43 @@ A loopscope-adapted directory is an ordinary ``save_pretrained`` directory plus 
 ``loopscope_adapter.safetensors`` (the adapter's own weights: the concat adapter and the halting
 head). ``from_pretrained`` reads them when present, so a saved adapter loads back without
 repeating its settings; explicit arguments override them.
+
+A study fine-tunes an adapter and stores it like every other loopscope model, in one
+``model.safetensors`` (``models.save_model``): the full state dict, with the transformers config
+and the adapter settings in its metadata (``hf_metadata``), so ``models.load_model`` rebuilds it
+(``rebuild``: ``from_config`` + the stored weights) without the original checkpoint directory.
+``inspect_checkpoint`` checks a directory without loading weights (what the config validator
+runs); ``checkpoint_identity`` fingerprints its files (the run directory's fingerprint holds it,
+so a checkpoint changed at the same path never resumes or skips a run made with the old one).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from models.hf.adapter import ATTN_IMPLEMENTATIONS, HFLoopedModel
 from models.hf.hrm import HRM_TYPES, HrmLoop
-from models.hf.retrofit import INJECTIONS, RETROFIT_TYPES, RetrofitLoop
+from models.hf.retrofit import INJECTIONS, RETROFIT_TYPES, RetrofitLoop, check_loop_layers
 from models.io import _atomic_write as atomic_write
 
 SUPPORTED_MODEL_TYPES = (*RETROFIT_TYPES, *HRM_TYPES)
 SETTINGS_FILE = "loopscope_hf.json"
 ADAPTER_FILE = "loopscope_adapter.safetensors"
 INSTALL_HINT = "pip install -e '.[hf]'"
+# what a study may train: every weight, the looped core (+ injection adapter and halting head),
+# or the halting head alone (a frozen checkpoint whose exit gate learns when to stop)
+TRAINABLE = ("all", "loop", "head")
+HEAD_MODULES = ("halt_head.", "halt_norm.")
+# checkpoint files up to this size are hashed in full; larger ones (weights) by size, mtime and
+# their first and last MiB (hashing many GB at every run start would cost minutes)
+FULL_HASH_BYTES = 64 * 2**20
+SAMPLE_BYTES = 2**20
 
 
 def require_transformers() -> Any:
@@ -62,7 +81,7 @@ def _settings(directory: Path) -> dict[str, Any]:
 
 def from_pretrained(path: str | os.PathLike[str], loop_layers: Any = None,
                     injection: str | None = None, *, attn_implementation: str | None = None,
-                    dtype: Any = None) -> HFLoopedModel:
+                    dtype: Any = None, trainable: str = "all") -> HFLoopedModel:
     """Load a local transformers checkpoint directory as a loopscope ``LoopedModel``.
 
     Args:
@@ -73,6 +92,7 @@ def from_pretrained(path: str | os.PathLike[str], loop_layers: Any = None,
         attn_implementation: ``eager`` or ``sdpa`` (default: the saved adapter's, else
             transformers' choice).
         dtype: parameter dtype passed to transformers (default: transformers' default).
+        trainable: which parameters keep ``requires_grad`` (see :func:`set_trainable`).
 
     Returns:
         ``RetrofitLoop`` or ``HrmLoop`` in eval mode.
@@ -87,6 +107,48 @@ def from_pretrained(path: str | os.PathLike[str], loop_layers: Any = None,
     """
     transformers = require_transformers()
     directory = _checkpoint_dir(path)
+    _, settings = inspect_checkpoint(directory, loop_layers, injection,
+                                     attn_implementation=attn_implementation)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if settings["attn_implementation"] is not None:
+        kwargs["attn_implementation"] = settings["attn_implementation"]
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    with _no_progress_bar(transformers):  # a study loads it once per model: no bar each time
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    model = _wrap(hf_model, settings)
+    _load_adapter_weights(model, directory)
+    return set_trainable(model, trainable).eval()
+
+
+@contextlib.contextmanager
+def _no_progress_bar(transformers: Any) -> Iterator[None]:
+    logging = transformers.utils.logging
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
+
+
+def inspect_checkpoint(path: str | os.PathLike[str], loop_layers: Any = None,
+                       injection: str | None = None, *, attn_implementation: str | None = None
+                       ) -> tuple[Any, dict[str, Any]]:
+    """Check a checkpoint directory and the adapter arguments without loading any weight.
+
+    Returns:
+        The transformers config and the effective adapter settings (``model_type``,
+        ``loop_layers`` as a tuple or ``None``, ``injection``, ``attn_implementation``), the
+        saved adapter's settings filling what is not given.
+
+    Raises:
+        ImportError: transformers is not installed (names the extra).
+        ValueError: not a checkpoint directory, unsupported ``model_type``, bad arguments.
+    """
+    transformers = require_transformers()
+    directory = _checkpoint_dir(path)
     hf_config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
     model_type = hf_config.model_type
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -97,20 +159,41 @@ def from_pretrained(path: str | os.PathLike[str], loop_layers: Any = None,
     injection = injection or saved.get("injection") or "none"
     attn_implementation = attn_implementation or saved.get("attn_implementation")
     _check_args(model_type, hf_config, loop_layers, injection, attn_implementation)
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    if model_type not in HRM_TYPES:
+        loop_layers = check_loop_layers(loop_layers, hf_config.num_hidden_layers)
+    return hf_config, {"model_type": model_type, "loop_layers": loop_layers,
+                       "injection": injection, "attn_implementation": attn_implementation}
+
+
+def _wrap(hf_model: Any, settings: dict[str, Any]) -> HFLoopedModel:
     used = hf_model.config._attn_implementation
     if used not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {used!r} is not supported by models.hf; "
                          f"pass attn_implementation one of {ATTN_IMPLEMENTATIONS}")
-    model = HrmLoop(hf_model) if model_type in HRM_TYPES else \
-        RetrofitLoop(hf_model, loop_layers, injection)
-    _load_adapter_weights(model, directory)
-    return model.eval()
+    if hf_model.config.model_type in HRM_TYPES:
+        return HrmLoop(hf_model)
+    return RetrofitLoop(hf_model, settings["loop_layers"], settings["injection"])
+
+
+def set_trainable(model: HFLoopedModel, trainable: str) -> HFLoopedModel:
+    """Freeze all but the chosen parameters (``requires_grad``); returns ``model``.
+
+    ``all``: every weight; ``loop``: the looped core (retrofit: decoder layers ``[a, b)``; HRM:
+    its L and H modules), the injection adapter and the halting head; ``head``: the halting head
+    alone (``halt_head`` / ``halt_norm``) — the exit gate learns on a frozen checkpoint.
+    """
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
+    if trainable == "all":
+        keep = list(model.parameters())
+    else:
+        keep = [*model.halt_head.parameters(), *model.halt_norm.parameters()]
+    if trainable == "loop":
+        keep += [p for module in model.loop_modules() for p in module.parameters()]
+    chosen = {id(p) for p in keep}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in chosen)
+    return model
 
 
 def _check_args(model_type: str, hf_config: Any, loop_layers: Any, injection: str,
@@ -164,3 +247,53 @@ def save_pretrained(model: HFLoopedModel, path: str | os.PathLike[str]) -> Path:
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.adapter_state().items()}
     atomic_write(directory / ADAPTER_FILE, lambda tmp: save_file(tensors, tmp))
     return directory
+
+
+# -- a fine-tuned adapter inside one .safetensors (models.save_model / models.load_model) ---------
+def hf_metadata(model: HFLoopedModel) -> dict[str, Any]:
+    """What ``rebuild`` needs besides the weights: the transformers config and adapter settings."""
+    return {"hf_config": json.loads(model.hf.config.to_json_string()),
+            "loop_layers": None if model.config.loop_layers is None
+            else list(model.config.loop_layers),
+            "injection": model.config.injection,
+            "attn_implementation": model.hf.config._attn_implementation}
+
+
+def rebuild(meta: dict[str, Any], dtype: Any = None) -> HFLoopedModel:
+    """An adapter of the architecture ``hf_metadata`` describes, with fresh weights (load the
+    stored state dict into it); no checkpoint directory is read."""
+    transformers = require_transformers()
+    values = dict(meta["hf_config"])
+    model_type = values.pop("model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"stored model_type {model_type!r} is not supported; supported: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    hf_config = transformers.AutoConfig.for_model(model_type, **values)
+    kwargs: dict[str, Any] = {}
+    if meta.get("attn_implementation") is not None:
+        kwargs["attn_implementation"] = meta["attn_implementation"]
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    hf_model = transformers.AutoModelForCausalLM.from_config(hf_config, **kwargs)
+    return _wrap(hf_model, meta).eval()
+
+
+def checkpoint_identity(path: str | os.PathLike[str]) -> str:
+    """SHA-256 over a checkpoint directory's files (names, sizes and contents; files larger than
+    64 MiB by size, mtime and their first and last MiB), so a checkpoint replaced at the same
+    path gets another identity. Subdirectories and hidden files are not part of it."""
+    directory = _checkpoint_dir(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in directory.iterdir() if p.is_file()
+                       and not p.name.startswith(".")):
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with file.open("rb") as handle:
+            if size <= FULL_HASH_BYTES:
+                digest.update(handle.read())
+                continue
+            digest.update(str(file.stat().st_mtime_ns).encode())
+            digest.update(handle.read(SAMPLE_BYTES))
+            handle.seek(size - SAMPLE_BYTES)
+            digest.update(handle.read(SAMPLE_BYTES))
+    return digest.hexdigest()

@@ -173,6 +173,11 @@ class RetrofitLoop(HFLoopedModel):
         per_layer = layer_attention_flops(cfg, seq_len) + mlp
         return 2.0 * (self.config.n_layers * per_layer + adapter)
 
+    def loop_modules(self) -> list[nn.Module]:
+        """The modules one loop step runs: decoder layers ``[a, b)`` and the concat adapter."""
+        a, b = self.config.loop_layers
+        return [*self._p.layers[a:b], *([self.adapter] if self.adapter is not None else [])]
+
     # -- the layer runs ----------------------------------------------------------------------
     def _run(self, indices: range, x: Tensor, ctx: LoopContext, pack: TokenPack | None = None,
              kv: FrozenKV | None = None) -> Tensor:

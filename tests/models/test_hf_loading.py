@@ -1,5 +1,5 @@
 """Loading, saving and the one-line errors of ``models.hf``; ``loopscope-diagnose`` on a local
-Hugging Face checkpoint directory; a study refusing one."""
+Hugging Face checkpoint directory (a study on one: ``test_hf_study``)."""
 
 from __future__ import annotations
 
@@ -84,16 +84,6 @@ def test_diagnose_takes_a_checkpoint_directory(tmp_path, capsys):
         diagnose_main([str(tmp_path / "ck"), "--loop-layers", "1", "9", "--task", "parity"])
     assert exit_info.value.code == 2
     assert "loop_layers must be [a, b)" in capsys.readouterr().err
-
-
-def test_a_study_refuses_an_hf_model_in_one_line():
-    from _app_helpers import compose_cfg
-
-    from experiments.config.validate import ConfigError, validate_config
-
-    cfg = compose_cfg(["model=hf_retrofit", "model.path=/ckpt/llama"])
-    with pytest.raises(ConfigError, match="loopscope-diagnose /ckpt/llama --loop-layers"):
-        validate_config(cfg)
 
 
 def test_a_bf16_checkpoint_runs_in_bf16(tmp_path):
