@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from halting.base import LoopController, build_controller
 from halting.decoder import Decoder, GenerateOutput
 from halting.loop import set_run_mode
+from halting.uncached import UncachedDecoder
 
 DECODE_MODES = ("auto", "parallel", "sequential")
 
@@ -64,7 +65,10 @@ def generate(model: nn.Module, prompt_tokens: Tensor | Sequence[Sequence[int] | 
     """Decode ``max_new_tokens`` tokens after each prompt with a per-(loop, layer) KV cache.
 
     Args:
-        model: a ``models`` looped model (``TransformerLoop``).
+        model: a ``models`` looped model. One with the ``models.decoding`` cache (the built-in
+            architectures) decodes cached; any other ``LoopedModel`` (the ``models.hf``
+            adapters) decodes uncached (``halting.uncached``: exact, but each token re-runs
+            the whole sequence).
         prompt_tokens: a (T,) or (B, T) int tensor, or a list of 1-D id sequences (any lengths;
             right-padded internally, see the module docstring).
         controller: any controller with token granularity (``fixed``, ``convergence``, ``act``,
@@ -78,7 +82,8 @@ def generate(model: nn.Module, prompt_tokens: Tensor | Sequence[Sequence[int] | 
         stop_tokens: ids that end a row (the stop token is kept in ``tokens``).
         pad_token_id: id written after a row stopped (and fed to it while others finish).
         return_logits: keep the (B, N, V) logits of every step.
-        mode: ``auto`` (parallel where the model supports it), ``parallel`` or ``sequential``.
+        mode: ``auto`` (parallel where the model supports it), ``parallel`` or ``sequential``
+            (cached models only; ``GenerateOutput.mode`` is ``uncached`` for the others).
 
     Returns:
         GenerateOutput.
@@ -94,6 +99,10 @@ def generate(model: nn.Module, prompt_tokens: Tensor | Sequence[Sequence[int] | 
     with torch.no_grad(), _eval_mode(model, controller):
         controller.bind(model)
         planned = controller.planned_loops(max_loops)
+        if not settings["cached"]:
+            run = UncachedDecoder(model, controller, prompts, planned, max_new_tokens, generator)
+            return run.generate(temperature, top_k, set(stop_tokens), pad_token_id,
+                                return_logits)
         parallel = settings["parallel"] and planned > 1
         run = Decoder(model, controller, prompts, planned, max_new_tokens, parallel, generator)
         return run.generate(temperature, top_k, set(stop_tokens), pad_token_id, return_logits)
@@ -126,13 +135,16 @@ def _as_prompts(prompt_tokens: Any) -> list[Tensor]:
 def _validate(model: Any, prompts: list[Tensor], controller: LoopController, max_new: Any,
               max_loops: Any, temperature: Any, top_k: Any, generator: Any,
               stop_tokens: Any, pad_token_id: Any, mode: Any) -> dict[str, Any]:
-    if not callable(getattr(model, "new_decode_cache", None)):
-        raise TypeError(f"model {type(model).__name__} does not support cached decoding "
-                        "(needs the models.decoding interface)")
+    cached = callable(getattr(model, "new_decode_cache", None))
+    if not cached and not all(callable(getattr(model, name, None))
+                              for name in ("prepare", "init_state", "step", "readout")):
+        raise TypeError(f"model {type(model).__name__} is not a LoopedModel (needs prepare / "
+                        "init_state / step / readout)")
     for name, value, low in (("max_new_tokens", max_new, 0), ("max_loops", max_loops, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    limit, vocab = model.config.max_seq_len, model.vocab_size
+    limit, vocab = int(getattr(model, "max_seq_len", None) or model.config.max_seq_len), \
+        model.vocab_size
     for b, row in enumerate(prompts):
         if row.numel() > limit:
             raise ValueError(f"prompt {b} has {row.numel()} tokens, more than max_seq_len={limit}")
@@ -158,11 +170,16 @@ def _validate(model: Any, prompts: list[Tensor], controller: LoopController, max
                          "ouro_gate or halt_token")
     if mode not in DECODE_MODES:
         raise ValueError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
+    if not cached:
+        if mode != "auto":
+            raise ValueError(f"mode={mode!r} needs cached decoding (models.decoding); "
+                             f"{type(model).__name__} decodes uncached: use mode='auto'")
+        return {"parallel": False, "cached": False}
     can_parallel = bool(getattr(model, "parallel_decode", False))
     if mode == "parallel" and not can_parallel:
         raise ValueError(f"mode='parallel' needs a parallel_loop model with clp=True and "
                          f"shared_kv=True; {type(model).__name__} decodes sequentially")
-    return {"parallel": can_parallel and mode != "sequential"}
+    return {"parallel": can_parallel and mode != "sequential", "cached": True}
 
 
 @contextlib.contextmanager

@@ -69,8 +69,11 @@ class HrmLoop(HFLoopedModel):
         ctx.extras["rope"] = (cos.expand(batch, *cos.shape[1:]), sin.expand(batch, *sin.shape[1:]))
         return ctx
 
-    def init_state(self, ctx: LoopContext) -> Tensor:
-        """``[z_H; z_L]`` = [scaled embeddings; z_L_init broadcast]."""
+    def init_state(self, ctx: LoopContext, generator: torch.Generator | None = None) -> Tensor:
+        """``[z_H; z_L]`` = [scaled embeddings; z_L_init broadcast].
+
+        Deterministic: ``generator`` (the LoopedModel signature) draws nothing.
+        """
         z_l = self.hf.model.z_L_init.to(ctx.inject).expand_as(ctx.inject)
         return torch.cat((ctx.inject, z_l), dim=-1)
 

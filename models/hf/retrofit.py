@@ -128,8 +128,11 @@ class RetrofitLoop(HFLoopedModel):
             ctx.inject = self._run(range(0, a), x, ctx)
         return ctx
 
-    def init_state(self, ctx: LoopContext) -> Tensor:
-        """``e`` (no injection) or zeros (``add`` / ``concat``), so loop 1 is ``Core(e)``."""
+    def init_state(self, ctx: LoopContext, generator: torch.Generator | None = None) -> Tensor:
+        """``e`` (no injection) or zeros (``add`` / ``concat``), so loop 1 is ``Core(e)``.
+
+        Deterministic: ``generator`` (the LoopedModel signature) draws nothing.
+        """
         if self.config.injection == "none":
             return ctx.inject.clone()
         return torch.zeros_like(ctx.inject)

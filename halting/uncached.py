@@ -1,0 +1,94 @@
+"""Decoding without a key/value cache, for looped models that have no ``models.decoding`` interface.
+
+The Hugging Face adapters (``models.hf``) and any user ``LoopedModel`` implement ``prepare /
+init_state / step / readout`` but not the per-(loop, layer) decode cache. ``generate`` still works
+on them through this path: each new token re-runs ``run_loop(granularity="token")`` on the whole
+sequence so far (right-padded; a causal model's real positions never read the padding after them)
+and takes each row's last real position. Its logits and depth are therefore exactly those of the
+full-sequence evaluation (the ``frozen`` token policy included), but nothing is cached: token t
+costs a full forward over t positions, and ``executed`` counts every recomputed token-loop, so the
+output says honestly what this path spent. ``mode`` is ``"uncached"``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from halting.base import LoopController
+from halting.decoder import GenerateOutput, next_token
+from halting.loop import run_loop
+
+
+class UncachedDecoder:
+    """One ``generate`` call on a model without a decode cache (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, controller: LoopController, prompts: list[Tensor],
+                 loops: int, max_new: int, generator: torch.Generator | None) -> None:
+        self.model, self.controller, self.loops = model, controller, loops
+        self.max_new, self.generator = max_new, generator
+        self.device = model.device
+        self.prompts = prompts
+        self.batch = len(prompts)
+        self.lengths = torch.tensor([int(p.numel()) for p in prompts], device=self.device)
+        self.executed = 0
+
+    def _run(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, T, V) logits and (B, T) depth of the whole right-padded sequence."""
+        out = run_loop(self.model, tokens, self.controller, max_loops=self.loops,
+                       granularity="token", mode="eval", generator=self.generator)
+        self.executed += int(out.executed)
+        return out.logits, out.depth
+
+    def generate(self, temperature: float, top_k: int | None, stops: set[int], pad: int,
+                 return_logits: bool) -> GenerateOutput:
+        longest = int(self.lengths.max()) + max(self.max_new - 1, 0)
+        tokens = torch.full((self.batch, longest), pad, dtype=torch.long, device=self.device)
+        for b, row in enumerate(self.prompts):
+            tokens[b, : row.numel()] = row.to(self.device)
+        rows = torch.arange(self.batch, device=self.device)
+        stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=self.device)
+        done = torch.zeros(self.batch, dtype=torch.bool, device=self.device)
+        made, depths, kept = [], [], []
+        prompt_depth = None
+        for step in range(self.max_new):
+            width = int(self.lengths.max()) + step
+            logits, depth = self._run(tokens[:, :width])
+            if prompt_depth is None:
+                valid = torch.arange(width, device=self.device) < self.lengths.unsqueeze(1)
+                prompt_depth = torch.where(valid, depth, 0)
+            last = self.lengths - 1 + step
+            step_logits, step_depth = logits[rows, last], depth[rows, last]
+            token = torch.where(done, pad, next_token(step_logits, temperature, top_k,
+                                                      self.generator))
+            made.append(token)
+            depths.append(torch.where(done, 0, step_depth))
+            if return_logits:
+                kept.append(step_logits)
+            done = done | torch.isin(token, stop_ids)
+            if step == self.max_new - 1 or (stops and bool(done.all())):
+                break
+            tokens[rows, last + 1] = token
+        if prompt_depth is None:  # max_new_tokens == 0: the prompt still runs once
+            width = int(self.lengths.max())
+            _, depth = self._run(tokens[:, :width])
+            valid = torch.arange(width, device=self.device) < self.lengths.unsqueeze(1)
+            prompt_depth = torch.where(valid, depth, 0)
+        return self._output(made, depths, kept, prompt_depth, return_logits, stop_ids)
+
+    def _output(self, made: list[Tensor], depths: list[Tensor], kept: list[Tensor],
+                prompt_depth: Tensor, return_logits: bool, stop_ids: Tensor) -> GenerateOutput:
+        empty = torch.zeros(self.batch, 0, dtype=torch.long, device=self.device)
+        tokens = torch.stack(made, dim=1) if made else empty
+        depth = torch.stack(depths, dim=1) if depths else empty
+        stopped = torch.isin(tokens, stop_ids)
+        first_stop = torch.where(stopped.any(dim=1), stopped.float().argmax(dim=1) + 1,
+                                 tokens.shape[1])
+        logits = None
+        if return_logits:
+            logits = torch.stack(kept, dim=1) if kept else torch.zeros(
+                self.batch, 0, self.model.vocab_size, device=self.device)
+        return GenerateOutput(
+            tokens=tokens, depth=depth, lengths=first_stop.long(), prompt_lengths=self.lengths,
+            prompt_depth=prompt_depth, logits=logits, executed=self.executed, mode="uncached",
+            max_loops=self.loops, cache_bytes=0)
