@@ -147,8 +147,8 @@ def _ritz(g: Callable[[Tensor], Tensor], z: Tensor, v: Tensor, iters: int, metho
             apply(flat)  # forward AD missing for some op (fused CPU SDPA): fall back to vjp
         except (RuntimeError, NotImplementedError):
             apply = _operator(g, z, "vjp")
-    hess, beta = arnoldi(apply, flat, steps, eps)
-    return ritz_radius(hess, beta, eps)
+    hess, beta, dims, lost = arnoldi(apply, flat, steps, eps)
+    return ritz_radius(hess, beta, eps, dims, lost)
 
 
 def spectral_radius(
