@@ -31,7 +31,8 @@ from torch import Tensor
 Apply = Callable[[Tensor], Tensor]
 
 
-def arnoldi(apply: Apply, v0: Tensor, steps: int, eps: float) -> tuple[Tensor, Tensor]:
+def arnoldi(apply: Apply, v0: Tensor, steps: int, eps: float,
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``steps`` Arnoldi steps per sample from v0 (B, N), float64 basis, twice-orthogonalised.
 
     Args:
@@ -42,8 +43,11 @@ def arnoldi(apply: Apply, v0: Tensor, steps: int, eps: float) -> tuple[Tensor, T
             image, a new direction is rounding noise and the space is taken as invariant.
 
     Returns:
-        H (B, m, m) Hessenberg matrices (zero after a sample's breakdown) and beta (B,) the last
-        subdiagonal ``h_{m+1,m}`` (0 for samples whose space became invariant).
+        H (B, m, m) Hessenberg matrices (zero after a sample's breakdown), beta (B,) the last
+        subdiagonal ``h_{m+1,m}`` (0 for samples whose space became invariant) and dims (B,) long,
+        each sample's Krylov dimension (its leading dims x dims block of H is its Arnoldi matrix)
+        and lost (B,) the subdiagonal dropped at a breakdown (below the threshold; 0 if none):
+        the leading block is the exact restriction of an operator within ``lost`` of J.
     """
     batch, n = v0.shape
     basis = v0.new_zeros(batch, steps + 1, n)
@@ -51,7 +55,10 @@ def arnoldi(apply: Apply, v0: Tensor, steps: int, eps: float) -> tuple[Tensor, T
     basis[:, 0] = v0 / torch.linalg.vector_norm(v0, dim=1, keepdim=True).clamp_min(1e-300)
     alive = torch.ones(batch, dtype=torch.bool, device=v0.device)
     threshold = 8 * math.sqrt(n) * eps
+    dims = torch.zeros(batch, dtype=torch.long, device=v0.device)
+    lost = v0.new_zeros(batch)
     for j in range(steps):
+        dims += alive
         w = apply(basis[:, j])  # (B, N)
         size = torch.linalg.vector_norm(w, dim=1)
         for _ in range(2):  # classical Gram-Schmidt twice: orthogonal to working precision
@@ -60,14 +67,16 @@ def arnoldi(apply: Apply, v0: Tensor, steps: int, eps: float) -> tuple[Tensor, T
             hess[:, : j + 1, j] += coeff
         beta = torch.linalg.vector_norm(w, dim=1)
         scale = torch.maximum(size, torch.linalg.vector_norm(hess[:, : j + 1, j], dim=1))
-        alive &= (beta > threshold * scale) & torch.isfinite(beta)
+        was = alive
+        alive = was & (beta > threshold * scale) & torch.isfinite(beta)
+        lost = torch.where(was & ~alive, beta.nan_to_num(0.0, 0.0, 0.0), lost)
         beta = torch.where(alive, beta, torch.zeros_like(beta))
         hess[:, j + 1, j] = beta
         basis[:, j + 1] = torch.where(alive[:, None], w / beta.clamp_min(1e-300)[:, None], 0.0)
         if not bool(alive.any()):
             hess, steps = hess[:, : j + 2, : j + 1], j + 1
             break
-    return hess[:, :steps, :steps], hess[:, steps, steps - 1]
+    return hess[:, :steps, :steps], hess[:, steps, steps - 1], dims, lost
 
 
 def _condition(vectors: Tensor) -> Tensor:
@@ -88,24 +97,66 @@ def _components(linked: Tensor) -> Tensor:
     return reach > 0
 
 
-def ritz_radius(hess: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def _single_eigenvalue(hess: Tensor, centre: Tensor, dims: Tensor, delta: Tensor) -> Tensor:
+    """(B,) bool: the leading dims x dims block of H is ``centre * I`` plus a nilpotent part, up to
+    rounding: every power sum ``trace(N^k)``, k = 1..m, of ``N = H - centre I`` vanishes to within
+    its rounding error (Newton's identities: then every eigenvalue of N is 0).
+
+    A ring of Ritz values that passes is a single defective eigenvalue scattered by rounding; one
+    that fails holds distinct eigenvalues (whose power sums do not cancel), and keeps its spread.
+    """
+    m = hess.shape[-1]
+    lead = (torch.arange(m, device=hess.device)[None] < dims[:, None]).to(hess.dtype)  # (B, m)
+    n = hess.to(centre.dtype) - centre[:, None, None] * torch.diag_embed(lead.to(centre.dtype))
+    size = torch.linalg.matrix_norm(n).clamp_min(1e-300)  # (B,) Frobenius
+    unit = n / size[:, None, None]
+    rel = (delta.squeeze(1) / size).clamp_max(1.0)  # rounding of N relative to its size
+    power, ok = unit, torch.ones_like(dims, dtype=torch.bool)
+    for k in range(1, m + 1):
+        trace = power.diagonal(dim1=1, dim2=2).sum(-1).abs()
+        ok &= trace <= 16 * k * dims * rel
+        if k < m:
+            power = power @ unit
+    return ok
+
+
+def ritz_radius(hess: Tensor, beta: Tensor, eps: float, dims: Tensor | None = None,
+                lost: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Spectral radius and its error bound from Arnoldi's H (B, m, m) and h_{m+1,m} (B,).
+
+    ``dims`` (B,) is each sample's Krylov dimension (default m); the zero block of H after a
+    sample's breakdown carries no Ritz values. ``lost`` (B,): the subdiagonal dropped at the
+    breakdown, added to the rounding of H.
 
     Returns:
         (rho, error), both (B,) float64: rho the largest modulus of a Ritz-cluster mean; error
         the first-order bound of a single Ritz value (which covers an unconverged Krylov space
-        through its residual), or for a cluster its spread over its size.
+        through its residual), or for a cluster its spread over its size. After a breakdown
+        (``beta == 0``: the Krylov space is invariant, H is the exact restriction of J) a
+        top cluster that holds every Ritz value and passes ``_single_eigenvalue`` is one
+        (defective) eigenvalue, the trace of H over the Krylov dimension: its error is the
+        rounding of that mean (Kato's first-order bound with the spectral projector ``I``), not
+        the spread of the ring rounding scatters it into (a nilpotent shift, a Jordan block).
     """
+    m = hess.shape[-1]
+    if dims is None:
+        dims = torch.full(beta.shape, m, dtype=torch.long, device=beta.device)
     values, vectors = torch.linalg.eig(hess)  # (B, m), (B, m, m) complex
+    lead = torch.arange(m, device=hess.device)[None] < dims[:, None]  # (B, m) rows in use
+    weight_lead = (vectors.abs().square() * lead[:, :, None]).sum(1)  # (B, m) per eigenvector
+    valid = weight_lead > 0.5  # eigenvectors of the dead block after breakdown carry no Ritz value
     kappa = _condition(vectors)
     delta = eps * torch.linalg.matrix_norm(hess)[:, None]  # (B, 1) rounding of H
+    if lost is not None:
+        delta = delta + lost.abs()[:, None]
     residual = beta.abs()[:, None] * vectors[:, -1, :].abs()  # (B, m) Ritz residuals
     spectral_scale = values.abs().amax(1, keepdim=True) + delta
     bound = torch.minimum(kappa * (delta + residual), spectral_scale)  # (B, m)
     gap = (values[:, :, None] - values[:, None, :]).abs()
     linked = gap <= 8 * (bound[:, :, None] + bound[:, None, :])
     linked &= (kappa > 1e3)[:, :, None] & (kappa > 1e3)[:, None, :]  # only ill-conditioned
-    linked |= torch.eye(values.shape[1], dtype=torch.bool, device=values.device)
+    linked &= valid[:, :, None] & valid[:, None, :]
+    linked |= torch.eye(m, dtype=torch.bool, device=values.device)
     member = _components(linked)  # (B, m, m): member[b, i, j] = j in i's cluster
     weight = member.to(values.real.dtype)
     size = weight.sum(2)  # (B, m)
@@ -113,6 +164,15 @@ def ritz_radius(hess: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, Tensor]
     spread = ((values[:, None, :] - centre[:, :, None]).abs() * weight).amax(2)
     # a ring of s Ritz values of radius R around a defective eigenvalue: its mean errs by ~R / s
     error = torch.where(size > 1, spread / size + delta, bound)
-    modulus = centre.abs()
+    modulus = torch.where(valid, centre.abs(), torch.full_like(centre.abs(), -1.0))
     top = modulus.argmax(1, keepdim=True)
-    return modulus.gather(1, top).squeeze(1), error.gather(1, top).squeeze(1)
+    rho, err = modulus.gather(1, top).squeeze(1), error.gather(1, top).squeeze(1)
+    whole = (member.gather(1, top[:, :, None].expand(-1, 1, m)).squeeze(1) | ~valid).all(1)
+    exact = (beta == 0) & whole & (size.gather(1, top).squeeze(1) > 1)
+    if bool(exact.any()):
+        trace = hess.diagonal(dim1=1, dim2=2).sum(-1) / dims.clamp_min(1)  # (B,) exact mean
+        mean = centre.gather(1, top).squeeze(1)
+        exact &= _single_eigenvalue(hess, mean, dims, delta)
+        rho = torch.where(exact, mean.abs(), rho)
+        err = torch.where(exact, (mean - trace).abs() + 4 * delta.squeeze(1), err)
+    return rho, err

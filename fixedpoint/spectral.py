@@ -147,8 +147,8 @@ def _ritz(g: Callable[[Tensor], Tensor], z: Tensor, v: Tensor, iters: int, metho
             apply(flat)  # forward AD missing for some op (fused CPU SDPA): fall back to vjp
         except (RuntimeError, NotImplementedError):
             apply = _operator(g, z, "vjp")
-    hess, beta = arnoldi(apply, flat, steps, eps)
-    return ritz_radius(hess, beta, eps)
+    hess, beta, dims, lost = arnoldi(apply, flat, steps, eps)
+    return ritz_radius(hess, beta, eps, dims, lost)
 
 
 def spectral_radius(
@@ -213,17 +213,34 @@ def spectral_radius(
     return SpectralRadius(root, error, error <= rtol * root.clamp_min(rtol))
 
 
+def _renormalised_growth(
+    product: Callable[[int, Tensor], Tensor], v: Tensor, count: int, warmup: int
+) -> Tensor:
+    """Benettin's loop: ``v <- product(i, v)``, renormalised each step, for ``count`` steps.
+
+    Returns the (count - warmup, B) log growths after the first ``warmup`` (which only align v
+    with the most expanding direction), in the order the products were taken.
+    """
+    growth = []
+    for i in range(count):
+        jv = product(i, v)
+        norm = _sample_norm(jv)
+        if i >= warmup:
+            growth.append(norm.log())
+        v = _unit(jv, norm, v)
+    return torch.stack(growth)
+
+
 def _benettin_jvp(
     g: Callable[[Tensor], Tensor], z: Tensor, v: Tensor, steps: int, warmup: int
 ) -> Tensor:
-    growth = []
-    for step in range(warmup + steps):
-        z, jv = torch.func.jvp(g, (z,), (v,))
-        norm = _sample_norm(jv)
-        if step >= warmup:
-            growth.append(norm.log())
-        v = _unit(jv, norm, v)
-    return torch.stack(growth)  # (steps, B)
+    state = [z]
+
+    def forward(_: int, u: Tensor) -> Tensor:  # J(z_i) u, advancing the state with it
+        state[0], ju = torch.func.jvp(g, (state[0],), (u,))
+        return ju
+
+    return _renormalised_growth(forward, v, warmup + steps, warmup)  # (steps, B)
 
 
 def _benettin_vjp(
@@ -239,16 +256,14 @@ def _benettin_vjp(
             z = g(z)
     # Backward: propagate a covector from the last state to the first; its first ``warmup``
     # growths align it with the dominant singular direction and are not counted.
-    growth = []
+
+    def backward(i: int, u: Tensor) -> Tensor:  # J(z_{n-1-i})^T u
+        z_in = states[-1 - i].detach().requires_grad_(True)
+        return torch.autograd.grad(g(z_in), z_in, u)[0]
+
     with torch.enable_grad():
-        for count, state in enumerate(reversed(states)):
-            z_in = state.detach().requires_grad_(True)
-            (jtv,) = torch.autograd.grad(g(z_in), z_in, v)
-            norm = _sample_norm(jtv)
-            if count >= warmup:
-                growth.append(norm.log())
-            v = _unit(jtv, norm, v)
-    return torch.stack(growth[::-1])  # (steps, B), in time order
+        growth = _renormalised_growth(backward, v, warmup + steps, warmup)
+    return growth.flip(0)  # (steps, B), in time order
 
 
 def tangent_growth(

@@ -195,12 +195,12 @@ def diagnose(model: Any, task: Any, *, loops: int, batch: int, split: str = "val
     data = task.batch(split, batch, torch.Generator().manual_seed(seed))
     states, ctx = _unroll(model, data.tokens, loops)
 
-    def step_map(z: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        sub = ctx if rows is None else ctx.select(rows)
+    def step_map(z: torch.Tensor, sub: Any) -> torch.Tensor:
         return model.step(z, sub, loops)
 
     with torch.enable_grad():
-        verdicts = classify(states.float(), f=step_map, spectral_iters=20, lyapunov_steps=32)
+        verdicts = classify(states.float(), f=step_map, inputs=(ctx,), spectral_iters=20,
+                            lyapunov_steps=32)
     correct_last = task.score(model.readout(states[-1], ctx).float(), data)["correct"]
     summary = (f"unrolled {loops} loops on {batch} {task.name} samples ({split}); "
                f"accuracy after {loops} loops {correct_last.float().mean():.3f}")

@@ -131,11 +131,12 @@ def spectral(model: Any, traj: Trajectory, samples: int, iters: int) -> Tensor:
     final = torch.where(finite.view(-1, *[1] * (final.dim() - 1)), final, 0.0)
     sub_ctx = traj.ctx.select(torch.arange(n, device=final.device))
 
-    def step_map(z: Tensor) -> Tensor:
-        return model.step(z, sub_ctx, loops)  # the map applied after the last recorded step
+    def step_map(z: Tensor, ctx: Any) -> Tensor:
+        return model.step(z, ctx, loops)  # the map applied after the last recorded step
 
     with torch.enable_grad():
-        estimate = spectral_radius(step_map, final, iters, method="vjp").float().cpu()
+        estimate = spectral_radius(step_map, final, iters, inputs=(sub_ctx,),
+                                   method="vjp").float().cpu()
     radius[:n] = torch.where(finite.cpu(), estimate, math.nan)
     return radius
 

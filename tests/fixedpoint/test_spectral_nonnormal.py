@@ -104,3 +104,51 @@ def test_parallel_loop_step_is_nilpotent_over_positions():
     for method in ("jvp", "vjp"):
         rho = spectral_radius(lambda z, c: model.step(z, c, 1), z, inputs=(ctx,), method=method)
         assert (rho < 0.05).all()
+
+
+def _block(*blocks: torch.Tensor) -> torch.Tensor:
+    return torch.block_diag(*[b.double() for b in blocks])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nilpotent_breakdown_is_exact_and_converged(dtype):
+    # Arnoldi breaks down after the nilpotency index: the Krylov space is invariant, H is J's exact
+    # restriction and the radius is known to rounding, not to the ring eig scatters it into.
+    gen = torch.Generator().manual_seed(3)
+    shift = torch.diag(torch.ones(15, dtype=torch.float64), -1)
+    upper = torch.triu(torch.randn(24, 24, generator=gen, dtype=torch.float64), 1)
+    for matrix in (shift, upper):
+        assert _truth(matrix) == 0.0  # eigvals of a triangular matrix: its zero diagonal
+        est = _radius(matrix, dtype)
+        assert est.converged.all()
+        assert (est.rho <= 3 * est.error).all()
+        assert (est.error < (1e-12 if dtype == torch.float64 else 1e-5)).all()
+    embedded = _embed(jordan_matrix(8, 0.0))  # rank 7 in 64-D: breakdown after 8 steps
+    ring = _truth(embedded)  # eigvals itself scatters the 8-fold zero (~eps^(1/8))
+    assert 1e-4 < ring < 0.1
+    est = _radius(embedded, torch.float64)
+    assert est.converged.all() and (est.rho < 1e-10).all()
+
+
+def test_defective_eigenvalue_after_breakdown_and_its_neighbours():
+    jordan = _radius(jordan_matrix(8, 0.9), torch.float64)
+    assert jordan.converged.all()
+    assert ((jordan.rho - 0.9).abs() <= 3 * jordan.error).all() and (jordan.error < 1e-10).all()
+    # a nilpotent block beside a well-conditioned eigenvalue: the radius is the latter's
+    mixed = _embed(_block(jordan_matrix(6, 0.0), torch.tensor([[0.5, 0.3], [0.0, -0.2]])))
+    truth = _truth(mixed)
+    assert abs(truth - 0.5) < 1e-9
+    est = _radius(mixed, torch.float64)
+    assert est.converged.all() and ((est.rho - truth).abs() <= 3 * est.error + 1e-12).all()
+    # two distinct eigenvalues 0.9 and 0.8 in one highly non-normal block are not one eigenvalue
+    skew = torch.tensor([[0.9, 1e4], [0.0, 0.8]], dtype=torch.float64)
+    est = _radius(skew, torch.float64)
+    assert ((est.rho - 0.9).abs() <= 3 * est.error + 1e-9).all()
+
+
+def test_nilpotent_beyond_the_krylov_dimension_is_not_converged():
+    # a 200-step shift seen through 64 products is indistinguishable from a unit-modulus map:
+    # the estimate may be anything in [0, 1], but it must not claim to be converged
+    shift = torch.diag(torch.ones(199, dtype=torch.float64), -1)
+    est = _radius(shift, torch.float64)
+    assert not est.converged.any()
