@@ -175,6 +175,35 @@ class GeometricHalting(LoopController):
         """Evaluation exit rule given lambda_n and the CDF of p up to n (running units)."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def halting_distribution(self, model: nn.Module, ctx: Any, states: Tensor,
+                             min_loops: int = 1) -> Tensor:
+        """p (K, B) over loops 1..K of every sample, read off stored states ``z_0 .. z_K``.
+
+        The distribution the training objective weighs the per-step losses with (sample
+        granularity, lambda forced to 1 at the cap K and to 0 before ``min_loops``), so
+        ``sum_n n p_n`` is the expected depth: the quantity the objective shapes, without the
+        noise of one sampled exit. ``ctx`` is the batch's ``LoopContext`` (as for ``replay_loop``).
+        """
+        if not isinstance(states, Tensor) or states.dim() != 4 or states.shape[0] < 2:
+            raise ValueError(f"{self.name}: states must be (K+1, B, T, D) with K >= 1, got "
+                             f"{tuple(getattr(states, 'shape', ()))}")
+        loops, batch = states.shape[0] - 1, states.shape[1]
+        rows = torch.arange(batch, device=states.device)
+        lambdas = []
+        for k in range(loops):
+            view = StepView(model, ctx, k, states[k + 1], states[k], rows, "sample", None, loops)
+            lam = self.lambdas(view)
+            lambdas.append(torch.zeros_like(lam) if k + 1 < min_loops else lam)
+        return geometric_halting(torch.stack(lambdas))
+
+    def expected_depth(self, model: nn.Module, ctx: Any, states: Tensor,
+                       min_loops: int = 1) -> Tensor:
+        """(B,) E[n] = sum_n n p_n of ``halting_distribution`` (float, in 1..K)."""
+        p = self.halting_distribution(model, ctx, states, min_loops)
+        n = torch.arange(1, p.shape[0] + 1, device=p.device, dtype=p.dtype)
+        return (p * n.view(-1, 1)).sum(dim=0)
+
     def trajectory_exit(self, lambdas: Tensor, p: Tensor) -> Tensor:
         """The evaluation rule applied to a whole training trajectory: 1-based exit per unit."""
         raise NotImplementedError

@@ -47,6 +47,7 @@ class ControllerRun:
     correct: Tensor         # (B,) bool, on the CPU
     loss: Tensor            # (B,)
     depth: Tensor           # (B,) loops used (per sample: the deepest token at token granularity)
+    expected_depth: Tensor | None = None  # (B,) sum_n n p_n of a geometric halting rule, else None
 
 
 def score(task: Any, batch: Any, logits: Tensor) -> dict[str, Tensor]:
@@ -214,4 +215,18 @@ def run_controller(model: Any, task: Any, batch: Any, name: str, controller: Any
     scores = score(task, batch, out.logits.float())
     depth = out.depth if out.depth.dim() == 1 else out.depth.max(dim=1).values
     return ControllerRun(name, budget, out, scores["correct"].cpu(), scores["loss"].float().cpu(),
-                         depth.cpu())
+                         depth.cpu(), expected_depth(model, controller, budget, granularity, traj))
+
+
+def expected_depth(model: Any, controller: Any, budget: int, granularity: str,
+                   traj: Trajectory | None) -> Tensor | None:
+    """(B,) expected depth sum_n n p_n of a geometric halting rule (PonderNet, Ouro gate, halt
+    token) at ``budget``, read off the stored trajectory; ``None`` for any other controller, at
+    token granularity, or without a replayable trajectory. A sampled exit (PonderNet's
+    inference) is one draw from p: its rank correlation with difficulty carries the sampling
+    noise, the expected depth does not — the report shows both."""
+    if traj is None or granularity != "sample" or traj.states.shape[0] <= budget or \
+            not callable(getattr(controller, "expected_depth", None)):
+        return None
+    states = traj.states[: budget + 1].to(traj.step_dtype)
+    return controller.expected_depth(model, traj.ctx, states).float().cpu()

@@ -81,12 +81,15 @@ class RowWriter:
                       for label, n in counts.items()])
 
     def samples(self, controller: str, budget: int, depth: Tensor, correct: Tensor,
-                loss: Tensor, verdicts: Any, radius: Tensor) -> None:
+                loss: Tensor, verdicts: Any, radius: Tensor,
+                expected_depth: Tensor | None = None) -> None:
         meta = {k: self.meta[k] for k in ("run", "arch", "objective", "train_loops", "split")}
         frame = pd.DataFrame({
             "sample": np.arange(depth.shape[0]),
             "difficulty": self.batch.difficulty.cpu().numpy(),
             "depth": depth.numpy().astype(np.int64),
+            "expected_depth": (np.full(depth.shape[0], np.nan) if expected_depth is None
+                               else expected_depth.numpy().astype(np.float64)),
             "correct": correct.numpy().astype(bool),
             "loss": loss.float().numpy(),
             "label": np.asarray(verdicts.label, dtype=object),
@@ -152,7 +155,7 @@ class RowWriter:
         values.update(oracle_values(run.depth, traj, run.budget))
         self.results([(run.name, run.budget, run.budget, m, v) for m, v in values.items()])
         self.samples(run.name, run.budget, run.depth, run.correct, run.loss, verdicts["sample"],
-                     radius)
+                     radius, run.expected_depth)
         self.controller_traces(run, trace_samples)
 
     def controller_traces(self, run: ControllerRun, trace_samples: int) -> None:

@@ -8,6 +8,10 @@ accuracy, ``results`` — so ``loopscope-plot`` can rebuild it.
   either side is constant (a controller that always exits at the same loop has no correlation).
 * ``collapse_monitor`` — REFERENCE.md §2: the entropy of the exit distribution (nats; 0 = every
   input exits at one loop, ln(cap) = uniform), the share of exits at the cap and at loop 1.
+* exit depth two ways for the geometric rules (PonderNet, Ouro gate, halt token): the exit the rule
+  took (``depth``: for PonderNet one Bernoulli draw per step, so it carries sampling noise) and the
+  expected depth sum_n n p_n of the halting distribution the objective shapes
+  (``expected_depth``; NaN for ACT and other rules). Spearman is reported for both.
 * ``equal_compute`` — the learned controller's accuracy at its mean depth next to the best
   fixed-loop model whose loop count is at most that mean depth rounded up (it may spend up to one
   loop more), and the best fixed model at any depth.
@@ -93,11 +97,23 @@ def learned_rows(samples: pd.DataFrame, split: str,
     for (run, controller, cap), group in part.groupby(["run", "controller", "budget"]):
         accuracy = float(group["correct"].mean())
         monitor = collapse_monitor(group["depth"], int(cap))
+        expected = _expected(group)
         rows.append({"run": run, "controller": controller, "cap": int(cap), "n": len(group),
                      "accuracy": accuracy,
                      "spearman": spearman(group["depth"], group["difficulty"]),
+                     "expected_depth": float(expected.mean()) if expected.notna().all()
+                     else math.nan,
+                     "spearman_expected": spearman(expected, group["difficulty"])
+                     if expected.notna().all() else math.nan,
                      **monitor, **equal_compute(accuracy, monitor["mean_depth"], fixed)})
     return pd.DataFrame(rows)
+
+
+def _expected(group: pd.DataFrame) -> pd.Series:
+    """The group's expected depths (all NaN when the table predates the column)."""
+    if "expected_depth" not in group:
+        return pd.Series(math.nan, index=group.index)
+    return group["expected_depth"].astype(float)
 
 
 def monitor_rows(samples: pd.DataFrame, split: str) -> pd.DataFrame:
@@ -114,8 +130,10 @@ def depth_table(samples: pd.DataFrame, split: str) -> pd.DataFrame:
     part = samples[(samples["split"] == split) & (samples["controller"] == samples["objective"])
                    & (samples["budget"] == samples["train_loops"])
                    & samples["objective"].isin(LEARNED)]
+    part = part.assign(expected_depth=_expected(part))
     return (part.groupby(["run", "difficulty"])
-            .agg(depth=("depth", "mean"), accuracy=("correct", "mean"), n=("depth", "size"))
+            .agg(depth=("depth", "mean"), expected_depth=("expected_depth", "mean"),
+                 accuracy=("correct", "mean"), n=("depth", "size"))
             .reset_index())
 
 
@@ -132,17 +150,26 @@ def _table(frame: pd.DataFrame, columns: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _trend(rho: float) -> str:
+    """How a depth follows difficulty, in words (Spearman >= 0.5 counts as rising)."""
+    if not math.isfinite(rho):
+        return "is constant (no correlation: every input exits at the same loop)"
+    return ("rises with difficulty" if rho >= 0.5 else "does not clearly rise with difficulty"
+            if rho >= 0 else "falls with difficulty")
+
+
 def _verdict(row: pd.Series) -> str:
     """One sentence per learned model, with its numbers."""
     rho = row["spearman"]
-    trend = ("rises with difficulty" if rho >= 0.5 else "does not clearly rise with difficulty"
-             if not rho < 0 else "falls with difficulty") if math.isfinite(rho) else \
-        "is constant (no correlation: every input exits at the same loop)"
+    trend = _trend(rho)
+    expected = "" if not math.isfinite(row.get("expected_depth", math.nan)) else (
+        f"; its expected depth sum_n n p_n (mean {row['expected_depth']:.2f}) "
+        f"{_trend(row['spearman_expected'])} (Spearman {_fmt(row['spearman_expected'])})")
     compare = ("no fixed-loop model to compare with" if not math.isfinite(row["fixed_accuracy"])
                else f"{'at least' if row['margin'] >= 0 else 'below'} the best fixed model with "
                f"<= {row['fixed_loops']} loops ({row['fixed_accuracy']:.3f})")
     return (f"- `{row['run']}`: mean depth {row['mean_depth']:.2f} of {row['cap']} "
-            f"{trend} (Spearman {_fmt(rho)} over {row['n']} distinct inputs); accuracy "
+            f"{trend} (Spearman {_fmt(rho)} over {row['n']} distinct inputs){expected}; accuracy "
             f"{row['accuracy']:.3f}, {compare}; best fixed at any depth: "
             f"{_fmt(row['best_accuracy'])} at {row['best_loops']} loops.")
 
@@ -161,9 +188,16 @@ def halting_section(samples: pd.DataFrame, split: str = "val",
         per_d = {"run": "model", **{c: f"d={c}" for c in wide.columns if c != "run"}}
         acc = table.pivot(index="run", columns="difficulty", values="accuracy").reset_index()
         acc.columns = [str(c) for c in acc.columns]
+        expected = ""
+        if table["expected_depth"].notna().any():
+            exp = table.dropna(subset=["expected_depth"]).pivot(
+                index="run", columns="difficulty", values="expected_depth").reset_index()
+            exp.columns = [str(c) for c in exp.columns]
+            expected = ("\n\nExpected depth sum_n n p_n per difficulty (geometric halting rules):"
+                        "\n\n" + _table(exp, per_d))
         parts.append(f"### {title}\n\n" + "\n".join(_verdict(r) for _, r in rows.iterrows())
                      + "\n\nMean exit depth per difficulty (number of non-zero entries / length):"
-                     "\n\n" + _table(wide, per_d)
+                     "\n\n" + _table(wide, per_d) + expected
                      + "\n\nAccuracy per difficulty:\n\n" + _table(acc, per_d))
     monitor = monitor_rows(samples, split)
     if not monitor.empty:

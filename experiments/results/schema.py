@@ -9,8 +9,9 @@ collect) both import these so they cannot drift apart.
   sample x token x loop x metric (``token = -1`` for sample-level values), e.g. ``residual``,
   ``halt_prob``, ``dist_to_final``, ``pc1``/``pc2`` (PCA phase portrait coordinates).
 ``samples.parquet`` — one row per evaluated sample per controller x budget: its difficulty, loops
-  used (``depth``), correctness, loss, trajectory verdict (``label``, ``period``, ``rate``,
-  ``spectral_radius``).
+  used (``depth``), the expected depth sum_n n p_n of a geometric halting rule
+  (``expected_depth``; NaN for other controllers), correctness, loss, trajectory verdict
+  (``label``, ``period``, ``rate``, ``spectral_radius``).
 """
 
 RESULTS_COLUMNS = [
@@ -22,5 +23,6 @@ TRACES_COLUMNS = [
 ]
 SAMPLES_COLUMNS = [
     "run", "arch", "objective", "train_loops", "controller", "budget", "split", "sample",
-    "difficulty", "depth", "correct", "loss", "label", "period", "rate", "spectral_radius",
+    "difficulty", "depth", "expected_depth", "correct", "loss", "label", "period", "rate",
+    "spectral_radius",
 ]

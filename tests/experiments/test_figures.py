@@ -75,9 +75,9 @@ def synthetic_samples() -> pd.DataFrame:
                 depth = budget if controller == "fixed" else min(budget, difficulty + sample % 2)
                 label = labels[(sample + budget) % 5]
                 rows.append([run, "serial_loop", "ce", 2, controller, budget,
-                             "val" if difficulty < 4 else "hard", sample, difficulty, depth,
-                             sample % 2 == 0, 0.5, label, 2 if label == "periodic" else 0, 0.5,
-                             0.9])
+                             "val" if difficulty < 4 else "hard", sample, difficulty,
+                             depth, float("nan"), sample % 2 == 0, 0.5, label,
+                             2 if label == "periodic" else 0, 0.5, 0.9])
     return pd.DataFrame(rows, columns=SAMPLES_COLUMNS)
 
 

@@ -57,6 +57,7 @@ def synthetic_tables():
     samples = pd.DataFrame({"run": "m-pondernet-L4", "objective": "pondernet", "train_loops": 4,
                             "controller": "pondernet", "budget": 4, "split": "val",
                             "difficulty": difficulty, "depth": depth,
+                            "expected_depth": depth + rng.random(400) * 0.1,
                             "correct": rng.random(400) < 0.9})
     results = pd.DataFrame([
         {"run": f"m-fixed-L{t}", "objective": "fixed", "train_loops": t, "controller": "fixed",
@@ -72,11 +73,16 @@ def test_learned_rows_and_section():
     assert len(rows) == 1
     row = rows.iloc[0]
     assert row["n"] == 400 and row["spearman"] > 0.9
+    assert row["spearman_expected"] > 0.9
+    assert row["expected_depth"] == pytest.approx(samples["expected_depth"].mean())
     assert row["fixed_loops"] == 3 and row["fixed_accuracy"] == 0.95  # mean depth ~2.5 -> 3
     assert row["margin"] == pytest.approx(row["accuracy"] - 0.95)
     text = halting_section(samples, "val", results)
     assert "Learned halting vs difficulty" in text and "rises with difficulty" in text
     assert "Collapse monitor" in text and "m-pondernet-L4" in text
+    assert "Expected depth sum_n n p_n per difficulty" in text and "its expected depth" in text
+    no_column = halting_section(samples.drop(columns=["expected_depth"]), "val", results)
+    assert "Expected depth sum_n" not in no_column  # tables written before the column
     assert "below the best fixed model with <= 3 loops (0.950)" in text
     assert math.isnan(learned_rows(samples, "val")["margin"].iloc[0])  # no fixed models given
     assert halting_section(samples[samples["objective"] == "fixed"]) == ""

@@ -30,7 +30,8 @@ def _results(quality: dict[int, float], metric: str = "accuracy", arch: str = "t
 def _samples(n: int, loops: list[int]) -> pd.DataFrame:
     rows = [{"run": f"toy-fixed-L{k}", "arch": "toy", "objective": "fixed", "train_loops": k,
              "controller": "fixed", "budget": k, "split": "val", "sample": i, "difficulty": 1,
-             "depth": k, "correct": True, "loss": 0.1, "label": "converged", "period": 0,
+             "depth": k, "expected_depth": math.nan, "correct": True, "loss": 0.1,
+             "label": "converged", "period": 0,
              "rate": 0.5, "spectral_radius": math.nan} for k in loops for i in range(n)]
     return pd.DataFrame(rows)[SAMPLES_COLUMNS]
 

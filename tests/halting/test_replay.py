@@ -132,3 +132,26 @@ def test_evaluation_replays_only_when_the_initial_state_is_the_same():
         before = torch.get_rng_state()
         assert can_replay(model, SimpleNamespace(tokens=tokens), traj) is expected, arch
         assert torch.equal(torch.get_rng_state(), before)  # the check draws nothing for good
+
+
+@pytest.mark.parametrize("name", ["pondernet", "ouro_gate"])
+def test_expected_depth_is_the_training_objectives_distribution(name):
+    """halting_distribution read off stored states equals the p of a training-mode run (the one
+    the expected loss weighs), so sum_n n p_n is the depth the objective shapes."""
+    torch.manual_seed(0)
+    model = SMALL.model("serial_loop")
+    with torch.no_grad():
+        model.halt_head.bias.fill_(0.0)
+        model.halt_head.weight.normal_(0.0, 1.0)  # inputs get different lambdas
+    tokens = SMALL.tokens(batch=BATCH)
+    controller = build_controller(name)
+    ctx, states = _unroll(model, tokens, 4)
+    with torch.no_grad():
+        ran = run_loop(model, tokens, controller, max_loops=4, mode="train")
+    p = controller.halting_distribution(model, ctx, states)
+    torch.testing.assert_close(p, ran.aux["p"])
+    expected = controller.expected_depth(model, ctx, states)
+    torch.testing.assert_close(expected, (ran.aux["p"] * torch.arange(1.0, 5.0)[:, None]).sum(0))
+    assert expected.std() > 0.01 and (1.0 <= expected).all() and (expected <= 4.0).all()
+    with pytest.raises(ValueError, match="states must be"):
+        controller.halting_distribution(model, ctx, states[:1])
