@@ -5,8 +5,10 @@
 
 ``run``: validate -> train every planned model (``experiments.train``; resumes from checkpoints,
 skips finished ones) -> evaluate each (``experiments.evaluate``) -> ``results.parquet``,
-``traces.parquet``, ``samples.parquet`` -> figures (``experiments.figures.draw_all``) ->
-``report.md`` (``experiments.results.report``) -> ``status.json`` = finished. A run directory whose
+``traces.parquet``, ``samples.parquet`` -> ``decode.json`` (wall-clock decode latency,
+``experiments.evaluate.decode``; outside the tables and the fingerprint) -> figures
+(``experiments.figures.draw_all``) -> ``report.md`` (``experiments.results.report``) ->
+``status.json`` = finished. A run directory whose
 ``status.json`` says finished is skipped (re-running a killed multirun in the same sweep directory
 finishes only the missing jobs). In a multirun each job's seed is derived from the base seed and
 the job number (``job_seed``). Under ``torchrun`` every rank trains, rank 0 alone evaluates and
@@ -216,6 +218,7 @@ def _evaluate_and_write(conf: dict[str, Any], valid: ValidConfig, trained: list[
     frames = tables.frames()
     for name, frame in frames.items():
         write_parquet(frame, out / f"{name}.parquet")
+    _time_decoding(conf, valid, trained, out, seed, device)
     info = _run_info(conf, trained, seed, device, started)
     atomic_write_text(out / "run.json", json.dumps(info, indent=1, default=str))
     skipped: dict[str, str] = {}
@@ -235,6 +238,21 @@ def _evaluate_and_write(conf: dict[str, Any], valid: ValidConfig, trained: list[
             "wall_seconds": info["wall_seconds"], "report": str(report),
             "figures": [str(p) for p in figures],
             "rows": {name: len(frame) for name, frame in frames.items()}}
+
+
+def _time_decoding(conf: dict[str, Any], valid: ValidConfig, trained: list[Any], out: Path,
+                   seed: int, device: torch.device) -> None:
+    """``decode.json``: each model's cached decode latency (``experiments.evaluate.decode``),
+    measured here in the main process after every table is written; none when
+    ``eval.decode_tokens`` is 0 (a stale one is removed)."""
+    from experiments.evaluate.decode import DECODE_FILE, decode_rows, write_decode
+
+    if not conf["eval"]["decode_tokens"]:
+        (out / DECODE_FILE).unlink(missing_ok=True)
+        return
+    timing = time.perf_counter()
+    write_decode(out, decode_rows(trained, valid.task, conf["eval"], seed, device))
+    TIMING["decode_s"] = time.perf_counter() - timing
 
 
 def _notes(conf: dict[str, Any], trained: list[Any]) -> list[str]:

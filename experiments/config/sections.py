@@ -149,6 +149,12 @@ class EvalConfig:
     """Samples whose per-token traces are stored."""
     figures: bool = setting(True)
     """Draw the figures (``experiments.figures.draw_all``) after evaluation."""
+    decode_tokens: int = setting(16, low=0)
+    """New tokens of the decode-latency timing (``experiments.evaluate.decode``: greedy cached
+    ``generate`` of every trained model at its loop count, written to ``decode.json``, never to
+    the results tables); 0 = not timed."""
+    decode_batch: int = setting(8, low=1)
+    """Val prompts decoded together in that timing."""
 
 
 @dataclass

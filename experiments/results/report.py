@@ -1,6 +1,7 @@
 """``report.md``: which loop count is worth its cost on this task — from a run's saved tables.
 
-Reads only the run directory (``results/samples.parquet``, ``run.json``, ``figures/*.png``), so
+Reads only the run directory (``results/samples.parquet``, ``run.json``, ``decode.json`` when
+present, ``figures/*.png``), so
 ``loopscope-plot`` regenerates it without recomputing anything.
 
 The sweet spot is the *smallest* training loop count whose quality is within the noise of the
@@ -64,6 +65,7 @@ def build_report(results: pd.DataFrame, samples: pd.DataFrame | None, info: dict
     if samples is not None and not samples.empty:
         parts.append(_depth_section(samples, split))
         parts.append(halting_section(samples, split, results))
+    parts.append(_decode_section(sweep, run_dir))
     parts.append(_training_section(info))
     parts.append(_figures_section(run_dir))
     return "\n\n".join(p for p in parts if p) + "\n"
@@ -286,6 +288,45 @@ def _depth_section(samples: pd.DataFrame, split: str) -> str:
     columns = {c: (c if c in ("run", "controller", "budget") else f"d={c}") for c in table.columns}
     return ("## Mean exit depth per difficulty\n\nDo the controllers spend more loops on harder "
             "inputs?\n\n" + _markdown(table, columns))
+
+
+DECODE_TITLE = "## Decode latency vs FLOPs (wall-clock, machine-dependent)"
+
+
+def _decode_section(sweep: pd.DataFrame, run_dir: Path) -> str:
+    """Each fixed-objective model's cached decode ms/token (``decode.json``, written by
+    ``experiments.evaluate.decode``) beside its FLOPs/token, both as ratios to its arch's
+    fewest loops."""
+    from experiments.evaluate.decode import read_decode
+
+    data, reason = read_decode(run_dir)
+    if data is None:
+        return f"{DECODE_TITLE}\n\n{reason}"
+    rows = pd.DataFrame([r for r in data["rows"] if r.get("objective") == "fixed"])
+    if rows.empty or sweep.empty:
+        return f"{DECODE_TITLE}\n\nNo fixed-loop model was timed in this run."
+    flops = sweep.set_index(["arch", "train_loops"])["flops_per_token"]
+    rows["flops"] = [flops.get((a, n), math.nan) for a, n in zip(rows["arch"], rows["loops"])]
+    rows = rows.sort_values(["arch", "loops"]).reset_index(drop=True)
+    first = rows.groupby("arch")[["flops", "ms_per_token"]].transform("first")
+    rows["flops_ratio"] = rows["flops"] / first["flops"]
+    rows["ms_ratio"] = rows["ms_per_token"] / first["ms_per_token"]
+    base = ", ".join(f"{a}: {int(p['loops'].min())} loop(s)" for a, p in rows.groupby("arch"))
+    settings = data.get("settings", {})
+    load = data.get("load_average")
+    columns = {"arch": "arch", "loops": "loops", "flops": "FLOPs/token",
+               "flops_ratio": "FLOPs ratio", "ms_per_token": "decode ms/token",
+               "ms_ratio": "ms ratio", "mode": "decode"}
+    skipped = [f"`{s['run']}` ({s['reason']})" for s in data.get("skipped", [])]
+    return (f"{DECODE_TITLE}\n\nGreedy KV-cached `halting.generate` at each model's trained "
+            f"loop count (fixed controller): batch {settings.get('batch', '?')} `val` prompts, "
+            f"{settings.get('new_tokens', '?')} new tokens, prefill included; median of "
+            f"{settings.get('reps', '?')} interleaved repetitions after a warm-up, device "
+            f"{rows['device'].iloc[0]}, {rows['threads'].iloc[0]} thread(s)"
+            + (f", load average {load[0]:.2f}" if load else "") + ". Ratios are to the fewest "
+            f"loops ({base}); only they compare across machines. From `decode.json`, never "
+            "part of the results tables.\n\n" + _markdown(rows, columns)
+            + (f"\n\nNot timed: {', '.join(skipped)}." if skipped else ""))
 
 
 def _training_section(info: dict[str, Any]) -> str:

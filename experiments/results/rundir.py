@@ -34,8 +34,10 @@ FINGERPRINT_FILE = "fingerprint.json"
 LOCK_FILE = ".lock"
 OWNER_FILE = ".lock.owner"
 # config keys that never change a result: where it goes, how it is shown, how many processes
-# train (results do not depend on train.workers: each model seeds its own streams)
-NOT_RESULT_KEYS = ("out_dir", "train.progress", "train.workers", "eval.figures")
+# train (results do not depend on train.workers: each model seeds its own streams), and the
+# decode-latency timing (decode.json: wall-clock, outside the results tables)
+NOT_RESULT_KEYS = ("out_dir", "train.progress", "train.workers", "eval.figures",
+                   "eval.decode_tokens", "eval.decode_batch")
 MAX_LISTED_KEYS = 6
 
 

@@ -39,7 +39,7 @@ def test_every_group_has_its_options():
     assert options("controller") == ["act", "convergence", "fixed", "halt_token", "ouro_gate",
                                      "pondernet", "q_halt", "solver"]
     assert options("task") == ["addition", "parity", "parity_vector", "phop", "pycode", "s5"]
-    assert options("experiment") == ["convergence_study", "default", "halting_comparison",
+    assert options("experiment") == ["convergence_study", "decode", "default", "halting_comparison",
                                      "loopcoder", "parity_halting", "smoke"]
     assert {"local", "slurm"} <= set(options("hydra/launcher"))
 
