@@ -78,7 +78,7 @@ def run_loop(model: nn.Module, tokens: Tensor, controller: LoopController | str 
              max_loops: int, min_loops: int = 1, granularity: str = "sample",
              record: bool = False, token_policy: str = "frozen", grad_steps: int | None = None,
              targets: Tensor | None = None, mode: str = "auto",
-             generator: torch.Generator | None = None) -> LoopOutput:
+             generator: torch.Generator | None = None, return_ctx: bool = False) -> LoopOutput:
     """Run ``model``'s loop on ``tokens`` under ``controller``.
 
     Args:
@@ -99,6 +99,9 @@ def run_loop(model: nn.Module, tokens: Tensor, controller: LoopController | str 
             state (``recurrent_depth``): a seeded ``torch.Generator`` on the tokens' device makes
             the run reproducible without touching torch's global RNG. ``None``: the model's
             default (the global RNG).
+        return_ctx: also return the whole batch's ``LoopContext`` as the loop left it in
+            ``LoopOutput.ctx`` (what ``readout``, ``step`` and ``halting.replay`` need to go on
+            from the recorded states without preparing the tokens and running loop 0 again).
 
     Returns:
         LoopOutput.
@@ -131,6 +134,8 @@ def run_loop(model: nn.Module, tokens: Tensor, controller: LoopController | str 
     controller.finish(draft)
     out = draft.complete(controller.name)
     out.flops = run.flops(out.executed)
+    if return_ctx:
+        out.ctx = ctx
     if targets is not None:
         controller.loss_terms(out, targets)
     return out

@@ -205,6 +205,8 @@ class LoopOutput:
         granularity: ``sample`` or ``token``.
         training: the run's mode (``True``: the controller ran its training behaviour).
         flops: approximate FLOPs (see ``halting.loop`` docstring).
+        ctx: the whole batch's ``LoopContext`` as the loop left it (``model.prepare`` plus every
+            step's cache writes), only with ``run_loop(..., return_ctx=True)``; else ``None``.
     """
 
     logits: Tensor
@@ -219,6 +221,7 @@ class LoopOutput:
     granularity: str = "sample"
     training: bool = False
     flops: float = 0.0
+    ctx: Any = None
 
     @property
     def halted_at_cap(self) -> float:

@@ -30,7 +30,7 @@ class Trajectory:
     """The unrolled fixed sweep of one model on one batch."""
 
     states: Tensor          # (K+1, B, T, D) float
-    ctx: Any                # the LoopContext as the loop left it (caches of loop 1 filled)
+    ctx: Any                # the LoopContext as the loop left it (run_loop(..., return_ctx=True))
     correct: Tensor         # (K, B) bool, fixed(k) correct for k = 1..K
     loss: Tensor            # (K, B)
     lens_logits: Tensor     # (K, n, T, V) readouts of the first n samples (logit lens)
@@ -59,17 +59,6 @@ def score(task: Any, batch: Any, logits: Tensor) -> dict[str, Tensor]:
     return scores
 
 
-def loop_context(model: Any, tokens: Tensor, z0: Tensor) -> Any:
-    """The ``LoopContext`` as ``run_loop`` leaves it after its loops: ``prepare`` plus loop 0.
-
-    Loop 0 fills what later loops read (parallel_loop caches loop 1's keys and values there); it
-    is deterministic, so replaying it from the recorded ``z0`` gives the loop's own context.
-    """
-    ctx = model.prepare(tokens)
-    model.step(z0, ctx, 0)
-    return ctx
-
-
 @torch.no_grad()
 def unroll(model: Any, task: Any, batch: Any, loops: int) -> Trajectory:
     """Run ``fixed(loops)`` with every state recorded and score ``readout(z_k)`` for every k.
@@ -79,10 +68,11 @@ def unroll(model: Any, task: Any, batch: Any, loops: int) -> Trajectory:
     """
     from halting import run_loop
 
-    out = run_loop(model, batch.tokens, "fixed", max_loops=loops, record=True)
+    # the loop's own context (loop 0's cache filled): no second prepare + loop 0 to rebuild it
+    out = run_loop(model, batch.tokens, "fixed", max_loops=loops, record=True, return_ctx=True)
     dtype = out.states.dtype
     states = out.states.float()  # (K+1, B, T, D)
-    ctx = loop_context(model, batch.tokens, out.states[0])
+    ctx = out.ctx
     n_lens = min(batch.tokens.shape[0], RESIDUAL_TRACE_SAMPLES)
     correct, loss, lens = [], [], []
     for k in range(1, loops + 1):

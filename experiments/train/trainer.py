@@ -148,14 +148,10 @@ class _Trainer:
         self.controller.bind(self.model)
         self.params = [p for p in [*self.model.parameters(), *self.controller.parameters()]
                        if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
-            weight_decay=cfg["weight_decay"],
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: lr_factor(s, cfg["steps"], cfg["warmup_steps"], cfg["min_lr_ratio"]),
-        )
+        # built on first use (``optimizer``): reloading a finished model needs neither, and the
+        # first optimizer of a process imports torch._dynamo (~1.5 s of the study's main process)
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         # separate seeded streams: training data (per rank), loop depth, the fixed val batch
         self.data_gen = torch.Generator().manual_seed(seed * 1_000_003 + 17 + info.rank)
         self.depth_gen = torch.Generator().manual_seed(seed * 1_000_003 + 29)
@@ -164,6 +160,33 @@ class _Trainer:
         self.batch_size = max(1, cfg["batch_size"] // info.world)
         self.step, self.history, self.last_ckpt = 0, [], None
         self.resumed_from: int | None = None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over ``params`` (built on first use, with ``scheduler``)."""
+        if self._optimizer is None:
+            self._build_optimizer()
+        return self._optimizer
+
+    @property
+    def scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
+        """Warm-up then cosine decay of ``optimizer``'s learning rate (built with it)."""
+        if self._scheduler is None:
+            self._build_optimizer()
+        return self._scheduler
+
+    def _build_optimizer(self) -> None:
+        # both at once, in this order, before any state is loaded into either: the scheduler
+        # sets the optimizer's initial learning rate when it is built
+        cfg = self.cfg
+        self._optimizer = torch.optim.AdamW(
+            self.params, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
+            weight_decay=cfg["weight_decay"],
+        )
+        self._scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self._optimizer,
+            lambda s: lr_factor(s, cfg["steps"], cfg["warmup_steps"], cfg["min_lr_ratio"]),
+        )
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> TrainResult:

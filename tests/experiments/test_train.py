@@ -141,3 +141,24 @@ def test_sigkill_mid_training_then_rerun_matches_uninterrupted(tmp_path):
     assert info["models"][0]["resumed_from"] is not None
     pd.testing.assert_frame_equal(final_metrics(tmp_path / "whole")[0],
                                   final_metrics(killed_dir)[0], check_exact=True)
+
+
+def test_reloading_a_finished_model_builds_no_optimizer(tmp_path):
+    """The study's main process reloads every trained model; the optimizer (whose first build
+    imports torch._dynamo) is built only when training runs (issue 14), with the same weights."""
+    from experiments.train import DistInfo
+
+    plan, valid = first_plan(TINY)
+    trained = train_model(plan, valid.task, valid.cfg["train"], tmp_path, seed=0)
+    trainer = _Trainer(plan, valid.task, valid.cfg["train"], tmp_path, 0, DistInfo(),
+                       torch.device("cpu"))
+    reloaded = trainer.load_finished()
+    assert trainer._optimizer is None and trainer._scheduler is None
+    for (name, a), (_, b) in zip(trained.model.state_dict().items(),
+                                 reloaded.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert trainer.optimizer is trainer.optimizer and trainer._scheduler is not None
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(
+        valid.cfg["train"]["lr"] * lr_factor(0, valid.cfg["train"]["steps"],
+                                             valid.cfg["train"]["warmup_steps"],
+                                             valid.cfg["train"]["min_lr_ratio"]))

@@ -155,3 +155,33 @@ def test_expected_depth_is_the_training_objectives_distribution(name):
     assert expected.std() > 0.01 and (1.0 <= expected).all() and (expected <= 4.0).all()
     with pytest.raises(ValueError, match="states must be"):
         controller.halting_distribution(model, ctx, states[:1])
+
+
+@pytest.mark.parametrize("arch", ["parallel_loop", "serial_loop", "deq"])
+def test_the_returned_context_continues_like_a_rebuilt_one(arch):
+    """``run_loop(..., return_ctx=True)`` hands back the loop's own context: reading out, stepping
+    on and replaying from it give what a context rebuilt by prepare + loop 0 gives (the
+    evaluation used to rebuild it); by default no context is returned."""
+    model = SMALL.model(arch)
+    tokens = SMALL.tokens(batch=BATCH)
+    with torch.no_grad():
+        out = run_loop(model, tokens, "fixed", max_loops=12, record=True, return_ctx=True)
+        assert run_loop(model, tokens, "fixed", max_loops=2).ctx is None
+        rebuilt = model.prepare(tokens)
+        model.step(out.states[0], rebuilt, 0)
+        assert out.ctx is not None and out.ctx is not rebuilt
+        for k in (1, 6, 12):
+            assert torch.equal(model.readout(out.states[k], out.ctx),
+                               model.readout(out.states[k], rebuilt))
+        assert torch.equal(model.step(out.states[-1], out.ctx, 12),
+                           model.step(out.states[-1], rebuilt, 12))
+        rows = torch.arange(3)
+        assert torch.equal(model.step(out.states[-1][rows], out.ctx.select(rows), 12),
+                           model.step(out.states[-1][rows], rebuilt.select(rows), 12))
+        for name in ("kl", "residual", "ouro_gate"):
+            cfg = CONTROLLERS[name]
+            _assert_identical(
+                replay_loop(model, rebuilt, out.states, build_controller(dict(cfg)),
+                            max_loops=12, record=True),
+                replay_loop(model, out.ctx, out.states, build_controller(dict(cfg)),
+                            max_loops=12, record=True))
