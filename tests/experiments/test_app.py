@@ -76,6 +76,25 @@ def test_smoke_writes_every_table_figure_and_the_report(smoke_run):
     assert {"convergence_kl", "solver", "ouro_gate"} <= set(results["controller"])
     assert "## Sweet spot" in (out / "report.md").read_text()
     assert all((out / "models" / r / "model.safetensors").exists() for r in results["run"].unique())
+    decode = json.loads((out / "decode.json").read_text())
+    assert {r["run"] for r in decode["rows"]} == set(results["run"])  # every model timed
+    for row in decode["rows"]:
+        assert {"run", "arch", "loops", "batch", "new_tokens", "ms_per_token", "mean_depth",
+                "device", "threads"} <= set(row)
+        assert row["ms_per_token"] > 0 and row["mean_depth"] == row["loops"]
+        assert row["batch"] == 8 and 0 < row["new_tokens"] <= 16
+    assert "decode" not in " ".join(results.columns) + " ".join(set(results["metric"]))
+    report = (out / "report.md").read_text()
+    assert "## Decode latency vs FLOPs (wall-clock, machine-dependent)" in report
+    assert "| parallel_loop | 2 |" in report.split("## Decode latency")[1].split("## ")[0]
+    (out / "decode.json").rename(out / "decode.moved")  # loopscope-plot without decode.json
+    try:
+        from experiments.results.report import write_report
+
+        text = write_report(out).read_text()
+        assert "No `decode.json` in this run directory" in text
+    finally:
+        (out / "decode.moved").rename(out / "decode.json")
 
 
 def test_finished_run_is_skipped_when_rerun(smoke_run):

@@ -111,6 +111,10 @@ BAD = [
                                  r"eval.controllers.solver \(solver\); it supports: sample"),
     (["eval.splits=[test]"], r"eval.splits=\['test'\] is invalid"),
     (["+model.vocab_size=9"], r"model.vocab_size is set from the task"),
+    (["eval.decode_tokens=-1"], r"eval.decode_tokens=-1 is invalid; expected an integer >= 0"),
+    (["eval.decode_tokens=true"], r"eval.decode_tokens=True is invalid; expected an integer"),
+    (["eval.decode_batch=0"], r"eval.decode_batch=0 is invalid; expected an integer >= 1"),
+    (["eval.decode_batch=2.5"], r"eval.decode_batch=2.5 is invalid; expected an integer >= 1"),
     (["-x"], r"unknown option '-x'"),
     (["train.steps=[1"], r"cannot parse the overrides 'train.steps=\[1'"),
 ]

@@ -43,6 +43,8 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 def test_same_seed_gives_identical_results(tmp_path):
     run(compose_cfg(TINY), out_dir=tmp_path / "a")
     run(compose_cfg(TINY), out_dir=tmp_path / "b")
+    # decode.json (wall-clock) is written beside the tables and leaves them bit-identical
+    assert all((tmp_path / d / "decode.json").is_file() for d in "ab")
     pd.testing.assert_frame_equal(*(pd.read_parquet(tmp_path / d / "results.parquet")
                                     for d in "ab"), check_exact=True)
     run(compose_cfg([*TINY, "seed=1"]), out_dir=tmp_path / "c")
