@@ -149,10 +149,11 @@ class _SplitEvaluator:
         self.rows.diagnostics(self.loops, measure.per_loop_diagnostics(traj, maps, finite))
         self.rows.trajectory_traces(traj, self.cfg["trace_samples"])
         replay = traj if measure.can_replay(self.model, self.batch, traj) else None
+        unrolled = traj if measure.same_start(self.model, self.batch, traj) else None
         for name, controller, budgets in self.controllers():
             for budget in budgets:
                 run = measure.run_controller(self.model, self.task, self.batch, name, controller,
-                                             budget, self.granularity, replay)
+                                             budget, self.granularity, replay, unrolled)
                 self.rows.controller(run, traj, verdicts, radius, self.cfg["trace_samples"])
         self.tolerance_row()
         return self.tables

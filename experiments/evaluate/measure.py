@@ -173,10 +173,15 @@ def per_loop_diagnostics(traj: Trajectory, attention_maps: list[dict[str, Any]] 
 
 
 def can_replay(model: Any, batch: Any, traj: Trajectory) -> bool:
-    """Whether a controller's run equals its replay over ``traj`` (``halting.replay``): the stored
-    states are in the steps' own dtype and ``run_loop`` would start from the same initial state
-    (a random one, ``recurrent_depth``'s, is drawn anew by every run). The check draws nothing:
-    torch's RNG is restored after it."""
+    """Whether a controller's run equals its replay over ``traj`` (``halting.replay``)."""
+    return same_start(model, batch, traj)
+
+
+def same_start(model: Any, batch: Any, traj: Trajectory) -> bool:
+    """Whether ``traj`` is the trajectory every controller run sees: the stored states are in the
+    steps' own dtype and ``run_loop`` would start from the same initial state (a random one,
+    ``recurrent_depth``'s, is drawn anew by every run). The check draws nothing: torch's RNG is
+    restored after it."""
     devices = [traj.states.device] if traj.states.device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         z0 = model.init_state(model.prepare(batch.tokens))
@@ -185,12 +190,14 @@ def can_replay(model: Any, batch: Any, traj: Trajectory) -> bool:
 
 @torch.no_grad()
 def run_controller(model: Any, task: Any, batch: Any, name: str, controller: Any, budget: int,
-                   granularity: str, traj: Trajectory | None = None) -> ControllerRun:
+                   granularity: str, traj: Trajectory | None = None,
+                   unrolled: Trajectory | None = None) -> ControllerRun:
     """``run_loop(model, tokens, controller, max_loops=budget, record=True)``, scored.
 
     With ``traj`` (only when ``can_replay``), a controller that decides step by step is replayed
     over the stored trajectory instead (``halting.replay``: the same output, tested); the solver
-    and anything else that runs its own loop always runs the model.
+    and anything else that runs its own loop always runs the model. ``unrolled`` (only when
+    ``same_start``; defaults to ``traj``) is the trajectory the expected depth is read from.
     """
     from halting import run_loop
     from halting.replay import replay_loop, replayable
@@ -205,7 +212,8 @@ def run_controller(model: Any, task: Any, batch: Any, name: str, controller: Any
     scores = score(task, batch, out.logits.float())
     depth = out.depth if out.depth.dim() == 1 else out.depth.max(dim=1).values
     return ControllerRun(name, budget, out, scores["correct"].cpu(), scores["loss"].float().cpu(),
-                         depth.cpu(), expected_depth(model, controller, budget, granularity, traj))
+                         depth.cpu(), expected_depth(model, controller, budget, granularity,
+                                                  traj if unrolled is None else unrolled))
 
 
 def expected_depth(model: Any, controller: Any, budget: int, granularity: str,
