@@ -122,6 +122,28 @@ def next_token(logits: Tensor, temperature: float, top_k: int | None,
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def assemble_output(model: nn.Module, batch: int, made: list[Tensor], depths: list[Tensor],
+                    kept: list[Tensor], prompt_depth: Tensor, prompt_lengths: Tensor,
+                    return_logits: bool, stop_ids: Tensor, *, executed: int, mode: str,
+                    max_loops: int, cache_bytes: int) -> GenerateOutput:
+    """``GenerateOutput`` from the per-step tokens, depths and logits of one decode (any path)."""
+    device = prompt_lengths.device
+    empty = torch.zeros(batch, 0, dtype=torch.long, device=device)
+    tokens = torch.stack(made, dim=1) if made else empty
+    depth = torch.stack(depths, dim=1) if depths else empty
+    stopped = torch.isin(tokens, stop_ids)
+    first_stop = torch.where(stopped.any(dim=1), stopped.float().argmax(dim=1) + 1,
+                             tokens.shape[1])
+    logits = None
+    if return_logits:
+        logits = torch.stack(kept, dim=1) if kept else torch.zeros(
+            batch, 0, model.vocab_size, device=device)
+    return GenerateOutput(
+        tokens=tokens, depth=depth, lengths=first_stop.long(), prompt_lengths=prompt_lengths,
+        prompt_depth=prompt_depth, logits=logits, executed=int(executed), mode=mode,
+        max_loops=max_loops, cache_bytes=cache_bytes)
+
+
 class Decoder:
     """One ``generate`` call: the cache, the prompt lengths and the counters."""
 
@@ -168,22 +190,10 @@ class Decoder:
     def _output(self, made: list[Tensor], depths: list[Tensor], kept: list[Tensor],
                 prompt_depth: Tensor, return_logits: bool, pad: int,
                 stop_ids: Tensor) -> GenerateOutput:
-        empty = torch.zeros(self.batch, 0, dtype=torch.long, device=self.device)
-        tokens = torch.stack(made, dim=1) if made else empty
-        depth = torch.stack(depths, dim=1) if depths else empty
-        stopped = torch.isin(tokens, stop_ids)
-        first_stop = torch.where(stopped.any(dim=1), stopped.float().argmax(dim=1) + 1,
-                                 tokens.shape[1])
-        logits = None
-        if return_logits:
-            vocab = self.model.vocab_size
-            logits = torch.stack(kept, dim=1) if kept else torch.zeros(
-                self.batch, 0, vocab, device=self.device)
-        return GenerateOutput(
-            tokens=tokens, depth=depth, lengths=first_stop.long(), prompt_lengths=self.lengths,
-            prompt_depth=prompt_depth, logits=logits, executed=int(self.executed),
-            mode="parallel" if self.parallel else "sequential", max_loops=self.loops,
-            cache_bytes=self.cache.nbytes())
+        return assemble_output(self.model, self.batch, made, depths, kept, prompt_depth,
+                               self.lengths, return_logits, stop_ids, executed=self.executed,
+                               mode="parallel" if self.parallel else "sequential",
+                               max_loops=self.loops, cache_bytes=self.cache.nbytes())
 
     # -- prefill ---------------------------------------------------------------------------------
     def prefill(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:

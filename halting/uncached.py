@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from halting.base import LoopController
-from halting.decoder import GenerateOutput, next_token
+from halting.decoder import GenerateOutput, assemble_output, next_token
 from halting.loop import run_loop
 
 
@@ -78,17 +78,6 @@ class UncachedDecoder:
 
     def _output(self, made: list[Tensor], depths: list[Tensor], kept: list[Tensor],
                 prompt_depth: Tensor, return_logits: bool, stop_ids: Tensor) -> GenerateOutput:
-        empty = torch.zeros(self.batch, 0, dtype=torch.long, device=self.device)
-        tokens = torch.stack(made, dim=1) if made else empty
-        depth = torch.stack(depths, dim=1) if depths else empty
-        stopped = torch.isin(tokens, stop_ids)
-        first_stop = torch.where(stopped.any(dim=1), stopped.float().argmax(dim=1) + 1,
-                                 tokens.shape[1])
-        logits = None
-        if return_logits:
-            logits = torch.stack(kept, dim=1) if kept else torch.zeros(
-                self.batch, 0, self.model.vocab_size, device=self.device)
-        return GenerateOutput(
-            tokens=tokens, depth=depth, lengths=first_stop.long(), prompt_lengths=self.lengths,
-            prompt_depth=prompt_depth, logits=logits, executed=self.executed, mode="uncached",
-            max_loops=self.loops, cache_bytes=0)
+        return assemble_output(self.model, self.batch, made, depths, kept, prompt_depth,
+                               self.lengths, return_logits, stop_ids, executed=self.executed,
+                               mode="uncached", max_loops=self.loops, cache_bytes=0)
