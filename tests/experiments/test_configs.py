@@ -69,10 +69,10 @@ def test_experiment_composes_validates_and_plans(experiment):
     if experiment == "default":  # loop counts 1..4 plus one learned-halting model
         assert [(p.objective, p.loops) for p in plans] == [
             ("fixed", 1), ("fixed", 2), ("fixed", 3), ("fixed", 4), ("ouro_gate", 4)]
-    if experiment == "parity_halting":  # fixed 1..3 and three learned controllers at cap 3
+    if experiment == "parity_halting":  # fixed 1..4 and three learned controllers at cap 4
         assert [(p.objective, p.loops) for p in plans] == [
-            ("fixed", 1), ("fixed", 2), ("fixed", 3), ("act", 3), ("pondernet", 3),
-            ("ouro_gate", 3)]
+            ("fixed", 1), ("fixed", 2), ("fixed", 3), ("fixed", 4), ("act", 4),
+            ("pondernet", 4), ("ouro_gate", 4)]
     if experiment == "convergence_study":
         assert sorted(p.arch for p in plans) == sorted(trained_options("model"))
     assert len({p.run_id for p in plans}) == len(plans)
