@@ -70,8 +70,17 @@ def fixed_accuracy(results: pd.DataFrame | None, split: str) -> pd.Series:
     return part.groupby("train_loops")["value"].mean().sort_index()
 
 
+# ``results`` stores accuracies as float32, ``samples``-derived ones are float64: the same count
+# of correct inputs differs by ~1e-8 between the two, far below any real difference (1 / n_inputs)
+TIE = 1e-6
+
+
 def equal_compute(accuracy: float, mean_depth: float, fixed: pd.Series) -> dict[str, float]:
-    """Compare a learned controller with the fixed-loop models (``fixed``: loops -> accuracy)."""
+    """Compare a learned controller with the fixed-loop models (``fixed``: loops -> accuracy).
+
+    ``margin`` = accuracy minus the affordable fixed model's; within ``TIE`` it is 0 (a tie read
+    from float32 and float64 copies of the same fraction is a tie, not "below").
+    """
     out = {"fixed_loops": math.nan, "fixed_accuracy": math.nan, "best_loops": math.nan,
            "best_accuracy": math.nan, "margin": math.nan}
     if fixed.empty:
@@ -81,8 +90,9 @@ def equal_compute(accuracy: float, mean_depth: float, fixed: pd.Series) -> dict[
     affordable = fixed[fixed.index <= math.ceil(mean_depth - 1e-9)]
     if not affordable.empty:
         loops = affordable.idxmax()
+        margin = accuracy - float(affordable[loops])
         out.update(fixed_loops=int(loops), fixed_accuracy=float(affordable[loops]),
-                   margin=accuracy - float(affordable[loops]))
+                   margin=0.0 if abs(margin) < TIE else margin)
     return out
 
 

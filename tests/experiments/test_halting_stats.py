@@ -48,6 +48,17 @@ def test_equal_compute_picks_the_affordable_fixed_model():
     assert math.isnan(equal_compute(0.8, 2.0, pd.Series(dtype=float))["margin"])
 
 
+def test_equal_compute_a_float32_tie_is_a_tie():
+    # 662 of 666 correct, once as float64 (samples) and once stored as float32 (results):
+    # measured on parity_halting, where the report called this tie "below the best fixed model"
+    accuracy = 662 / 666
+    fixed = pd.Series({2: 0.9, 3: float(np.float32(accuracy))})
+    assert accuracy - fixed[3] < 0  # the raw difference is negative
+    got = equal_compute(accuracy, 2.7, fixed)
+    assert got["fixed_loops"] == 3 and got["margin"] == 0.0
+    assert equal_compute(accuracy - 1 / 666, 2.7, fixed)["margin"] < 0  # one input fewer: below
+
+
 def synthetic_tables():
     """A pondernet model whose depth follows difficulty, and fixed models at 1..3 loops (their
     accuracy at training depth is read from the results table, as the evaluator writes it)."""
