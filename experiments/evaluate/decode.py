@@ -2,7 +2,8 @@
 
 ``decode_rows`` times greedy, KV-cached ``halting.generate`` on each trained model at its trained
 loop count with the ``fixed`` controller (``mode="auto"``: PLT decodes its loops in one batched
-forward), on ``eval.decode_batch`` prompts drawn from the ``val`` split; ``write_decode`` writes
+forward) and each learned model under its own controller ("Rows" below), on
+``eval.decode_batch`` prompts drawn from the ``val`` split; ``write_decode`` writes
 them as ``decode.json`` beside ``results.parquet``, and ``report.md`` sets ms/token next to
 FLOPs/token.
 
