@@ -293,7 +293,12 @@ class ParallelLoop(TransformerLoop):
 
     def _parallel_local(self, local: KVBuffer, q: Tensor, keys: Tensor, values: Tensor,
                         at: DecodePositions, loops: int) -> Tensor:
-        """Loops 1..R-1 over their own windows, batched as (R-1)*B rows of one attention call."""
+        """Loops 1..R-1 over their own windows, batched as (R-1)*B rows of one attention call
+        (one local loop, R = 2: its query rows attend its ring directly, no regrouping)."""
+        if loops == 2:
+            local.store(0, None, at, keys[:, :, 1:], values[:, :, 1:])
+            return self._attend_cached(q[:, :, 1:], *local.read(0, None, at),
+                                       at.mask(local.width(at)))
         if at.low == at.high:  # one slot for every row: all loops' entries in one copy
             col = at.low % local.window
             local.keys[: loops - 1, :, :, col] = keys[:, :, 1:].permute(2, 0, 1, 3)

@@ -6,6 +6,7 @@ prefill of a 4-token prompt is included in both sides):
 
 * PLT (``parallel_loop``) parallel decode at R = 2 over R = 1: what a second loop costs per token
   when its rows run in the same forward (target <= 1.3: "close to one loop").
+* The same R = 2 / R = 1 ratio at twice the width (information: how it moves with size).
 * PLT parallel over sequential decode at R = 2 and R = 4 (same tokens, same logits; the test
   suite checks that): the one-forward path against loop after loop.
 * An adaptive exit (``serial_loop``, cap R = 8; a scripted controller exits alternate tokens
@@ -99,7 +100,22 @@ def bench_decode(cfg: BenchConfig) -> list[Row]:
                  ratios(times, "r4_parallel", "r1"), None, raw={"seconds": times},
                  config=config),
     ]
-    return rows + _adaptive_rows(cfg, size, prompt)
+    return rows + [_wide_row(cfg, size, prompt)] + _adaptive_rows(cfg, size, prompt)
+
+
+def _wide_row(cfg: BenchConfig, size: dict[str, int], prompt: torch.Tensor) -> Row:
+    """R=2 / R=1 again at twice the width (d_model 512 in the full run): how the ratio moves with
+    size — the larger the matrices, the larger the share of time in the matrix products, whose
+    second row is not free on a CPU."""
+    wide = {**size, "d_model": 2 * size["d_model"]}
+    plt = _model("parallel_loop", cfg, wide)
+    times = alternate({
+        "r1": _decoder(cfg, plt, prompt, wide["new"], "fixed", 1, "parallel"),
+        "r2_parallel": _decoder(cfg, plt, prompt, wide["new"], "fixed", 2, "parallel"),
+    }, cfg)
+    return make_row("decode", f"PLT parallel decode time/token: R=2 / R=1 at d_model "
+                    f"{wide['d_model']}", ratios(times, "r2_parallel", "r1"), None,
+                    raw={"seconds": times}, config={"arch": "parallel_loop", "batch": 1, **wide})
 
 
 def _adaptive_rows(cfg: BenchConfig, size: dict[str, int], prompt: torch.Tensor) -> list[Row]:

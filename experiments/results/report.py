@@ -326,7 +326,27 @@ def _decode_section(sweep: pd.DataFrame, run_dir: Path) -> str:
             + (f", load average {load[0]:.2f}" if load else "") + ". Ratios are to the fewest "
             f"loops ({base}); only they compare across machines. From `decode.json`, never "
             "part of the results tables.\n\n" + _markdown(rows, columns)
+            + _learned_decode(data["rows"])
             + (f"\n\nNot timed: {', '.join(skipped)}." if skipped else ""))
+
+
+def _learned_decode(rows: list[dict[str, Any]]) -> str:
+    """The learned controllers' own per-token exits at decode vs ``fixed`` at their loop cap."""
+    learned = pd.DataFrame([r for r in rows if r.get("controller", "fixed") != "fixed"])
+    if learned.empty:
+        return ""
+    fixed = {r["run"]: r["ms_per_token"] for r in rows
+             if r.get("controller") == "fixed" and r.get("mode") == "sequential"}
+    learned["fixed_ms"] = [fixed.get(run, math.nan) for run in learned["run"]]
+    columns = {"run": "model", "controller": "controller", "loops": "loop cap",
+               "mean_depth": "mean depth used", "ms_per_token": "decode ms/token",
+               "fixed_ms": "fixed(cap) ms/token", "ratio_to_fixed_cap": "ratio"}
+    if "answer_accuracy" in learned:
+        columns["answer_accuracy"] = "answer accuracy"
+    return ("\n\nLearned halting at decode: each learned model's own controller decides every "
+            "new token's depth (sequential decode, where an exit skips the loops after it), "
+            "timed beside `fixed` at its loop cap in the same mode (ideal ratio: mean depth / "
+            "cap).\n\n" + _markdown(learned, columns))
 
 
 def _training_section(info: dict[str, Any]) -> str:

@@ -81,12 +81,19 @@ def test_smoke_writes_every_table_figure_and_the_report(smoke_run):
     for row in decode["rows"]:
         assert {"run", "arch", "loops", "batch", "new_tokens", "ms_per_token", "mean_depth",
                 "device", "threads"} <= set(row)
-        assert row["ms_per_token"] > 0 and row["mean_depth"] == row["loops"]
-        assert row["batch"] == 8 and 0 < row["new_tokens"] <= 16
+        assert row["ms_per_token"] > 0 and 0 <= row["answer_accuracy"] <= 1
+        if row["controller"] == "fixed":
+            assert row["mean_depth"] == row["loops"]
+        else:  # the learned model's own per-token exits, beside fixed at its cap
+            assert 1 <= row["mean_depth"] <= row["loops"] and row["ratio_to_fixed_cap"] > 0
+        assert row["batch"] == 8 and 1 < row["new_tokens"] <= 16  # never 1-token decodes
+    assert min(decode["settings"]["prompt_lengths"]) >= 3  # parity: >= 2 bits and `=`
+    assert {r["controller"] for r in decode["rows"]} == {"fixed", "ouro_gate"}
     assert "decode" not in " ".join(results.columns) + " ".join(set(results["metric"]))
     report = (out / "report.md").read_text()
     assert "## Decode latency vs FLOPs (wall-clock, machine-dependent)" in report
     assert "| parallel_loop | 2 |" in report.split("## Decode latency")[1].split("## ")[0]
+    assert "Learned halting at decode" in report.split("## Decode latency")[1].split("## ")[0]
     (out / "decode.json").rename(out / "decode.moved")  # loopscope-plot without decode.json
     try:
         from experiments.results.report import write_report

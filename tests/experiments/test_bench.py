@@ -154,3 +154,18 @@ def test_memory_probes_see_a_known_allocation():
     saved = saved_tensor_bytes(forward)
     # mm saves both operands (64x256, 256x256) when both need grad; tanh its output (64x256).
     assert saved == 4 * (64 * 256 + 256 * 256 + 64 * 256)
+
+
+@pytest.mark.slow  # ~12 s: eight decode comparisons, each generating 32 tokens per repetition
+def test_quick_decode_rows_include_the_wider_model_and_every_comparison(tmp_path):
+    out = tmp_path / "bench.json"
+    status = bench.main(["--quick", "--only", "decode", "--reps", "1", "--out", str(out),
+                         "--device", "cpu", *_threads()])
+    assert status == 0
+    rows = {row["compared"]: row for row in json.loads(out.read_text())}
+    assert len(rows) == 7
+    wide = rows["PLT parallel decode time/token: R=2 / R=1 at d_model 128"]
+    assert wide["config"]["d_model"] == 128 and wide["status"] == "info"
+    narrow = rows["PLT parallel decode time/token: R=2 / R=1"]
+    assert narrow["config"]["d_model"] == 64 and narrow["target"] == "<= 1.3"
+    assert all(row["median"] > 0 for row in rows.values())
