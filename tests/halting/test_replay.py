@@ -198,15 +198,19 @@ def test_the_solver_from_the_stored_loop_zero_equals_running_it(arch, solver, mo
     ctx, states = _unroll(model, tokens, 12)
     cache = dict(ctx.cache)
     cfg = {"name": "solver", "solver": solver, "tol": 1e-3}
+    steps: list[int] = []
+    step = type(model).step
+
+    def counted(self, z, c, k, **kwargs):
+        steps.append(k)
+        return step(self, z, c, k, **kwargs)
+
     for budget in (4, 12):
         with torch.no_grad():
             ran = run_loop(model, tokens, build_controller(dict(cfg)), max_loops=budget,
                            record=True)
-            steps = []
-            step = type(model).step
-            monkeypatch.setattr(type(model), "step",
-                                lambda self, z, c, k, **kw: steps.append(k) or step(self, z, c, k,
-                                                                                     **kw))
+            steps.clear()
+            monkeypatch.setattr(type(model), "step", counted)
             driven = drive_from_unroll(model, ctx, states, build_controller(dict(cfg)),
                                        max_loops=budget, record=True)
             monkeypatch.undo()
