@@ -97,6 +97,7 @@ def run_pool(conf: dict[str, Any], plans: list[Any], out: Path, seed: int, worke
                     pending[future] = ("evaluate", (plan.run_id, split))
 
         submit_next()
+        _import_what_follows(conf)  # while the workers run
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
@@ -123,6 +124,19 @@ def run_pool(conf: dict[str, Any], plans: list[Any], out: Path, seed: int, worke
         for split in conf["eval"]["splits"]:
             tables[plan.run_id].extend(parts[(plan.run_id, split)])
     return tables, seconds
+
+
+def _import_what_follows(conf: dict[str, Any]) -> None:
+    """Import, in this otherwise waiting process, what it runs once the pool is done (decode
+    timing, figures — matplotlib alone ~0.5 s —, the report), so that no core idles on imports
+    after the last job; the figure helpers, forked from this process, inherit them."""
+    import experiments.bench.core  # noqa: F401  (decode timing)
+    import experiments.evaluate.decode  # noqa: F401
+    import experiments.results.report  # noqa: F401
+    import halting.generate  # noqa: F401
+
+    if conf["eval"]["figures"]:
+        import experiments.figures  # noqa: F401
 
 
 def _task_of(plan: Any) -> Any:

@@ -17,6 +17,11 @@ decides per step — not ``static`` (``fixed`` is read off the trajectory direct
 ``drives_loop`` (``solver`` runs its own iteration and must run the model). Token granularity is
 not: under the ``frozen`` policy a halted token changes what the others compute.
 
+A controller that drives its own loop (``solver``) is never replayed: ``drive_from_unroll`` runs
+it for real — every solver iteration calls ``model.step`` — and takes only loop 0, the step
+``run_loop`` runs on the whole batch before handing over to the solver, from the stored ``z_1``
+(the same step on the same batch and state), so the model is not run a second time on it.
+
 Exactness: replay gives what ``run_loop`` gives as long as a step of a sub-batch computes, row by
 row, the same numbers as a step of the whole batch. Matrix products on CPU do (each output row
 depends only on its own input row); ``tests/halting/test_replay.py`` checks decisions, depths,
@@ -25,6 +30,7 @@ logits and traces against ``run_loop`` for every replayable controller.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -93,6 +99,68 @@ def replay_loop(model: nn.Module, ctx: Any, states: Tensor,
     run = _ReplayRun(states, model, ctx, states[0], controller, state, "frozen", record, None)
     with torch.no_grad():
         run.execute()
+    draft = run.draft()
+    controller.finish(draft)
+    out = draft.complete(controller.name)
+    out.flops = run.flops(out.executed)
+    return out
+
+
+class _StoredLoopZero(_Run):
+    """``run_loop``'s driven path (``execute_driven``) with loop 0 read off the stored ``z_1``."""
+
+    def __init__(self, z1: Tensor, *args: Any) -> None:
+        super().__init__(*args)
+        self.z1 = z1
+
+    def _step(self, k: int) -> Tensor:
+        return self.z1 if k == 0 else super()._step(k)
+
+
+def drive_from_unroll(model: nn.Module, ctx: Any, states: Tensor,
+                      controller: LoopController | str | dict, *, max_loops: int,
+                      min_loops: int = 1, granularity: str = "sample",
+                      record: bool = False) -> LoopOutput:
+    """What ``run_loop(model, tokens, controller, max_loops=...)`` returns for a controller that
+    drives its own loop (``solver``), run for real from the stored loop 0 (see module docstring).
+
+    Args:
+        model: the ``models.LoopedModel`` that produced ``states``, in eval mode.
+        ctx: its ``LoopContext`` for the whole batch as the unroll left it (step 0 run on the
+            whole batch); not modified (the solver's steps write a copy of its cache).
+        states: (K+1, B, T, D) ``z_0 .. z_K`` with K >= 1, in the dtype the steps return, from
+            the initial state ``run_loop`` starts from (``experiments.evaluate.measure
+            .same_start``).
+        controller: a controller that ``drives_loop``, or what ``build_controller`` accepts.
+        max_loops, min_loops, granularity, record: as for ``run_loop``.
+
+    Raises:
+        ValueError: the controller does not drive its loop, the model is in training mode, or
+            ``states`` holds no loop.
+    """
+    controller = build_controller(controller)
+    if not controller.capabilities.drives_loop or granularity not in controller.granularities:
+        raise ValueError(f"controller {controller.name!r} at granularity {granularity!r} does not "
+                         "drive its own loop; use replay_loop or run_loop")
+    if model.training:
+        raise ValueError("drive_from_unroll needs the model in eval mode (a training step is "
+                         "not the stored one); call model.eval() or use run_loop")
+    if not isinstance(states, Tensor) or states.dim() != 4 or states.shape[0] < 2:
+        raise ValueError(f"states must be (K+1, B, T, D) with K >= 1 loops, got "
+                         f"{tuple(getattr(states, 'shape', ()))}")
+    training = set_run_mode(controller, model, "auto")
+    controller.ensure_bound(model)
+    # the solver's steps store their keys / values in the context's cache: in a copy of it
+    ctx = replace(ctx, cache=dict(ctx.cache), extras=dict(ctx.extras))
+    batch, seq_len = states.shape[1], states.shape[2]
+    state = RunState(batch=batch, seq_len=seq_len, max_loops=max_loops,
+                     min_loops=max(min_loops, controller.min_loops()), granularity=granularity,
+                     device=states.device, training=training)
+    controller.begin(state)
+    run = _StoredLoopZero(states[1], model, ctx, states[0], controller, state, "frozen", record,
+                          None)
+    with torch.no_grad():
+        run.execute_driven()
     draft = run.draft()
     controller.finish(draft)
     out = draft.complete(controller.name)

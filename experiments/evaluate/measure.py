@@ -196,16 +196,23 @@ def run_controller(model: Any, task: Any, batch: Any, name: str, controller: Any
 
     With ``traj`` (only when ``can_replay``), a controller that decides step by step is replayed
     over the stored trajectory instead (``halting.replay``: the same output, tested); the solver
-    and anything else that runs its own loop always runs the model. ``unrolled`` (only when
-    ``same_start``; defaults to ``traj``) is the trajectory the expected depth is read from.
+    and anything else that runs its own loop always runs the model, from the stored loop 0 when
+    there is a trajectory (``halting.replay.drive_from_unroll``: the same output, tested).
+    ``unrolled`` (only when ``same_start``; defaults to ``traj``) is the trajectory the expected
+    depth and the solver's loop 0 are read from.
     """
     from halting import run_loop
-    from halting.replay import replay_loop, replayable
+    from halting.replay import drive_from_unroll, replay_loop, replayable
 
+    start = traj if unrolled is None else unrolled
     if traj is not None and replayable(controller, granularity) and \
             traj.states.shape[0] > controller.planned_loops(budget):
         out = replay_loop(model, traj.ctx, traj.states, controller, max_loops=budget,
                           granularity=granularity, record=True)
+    elif start is not None and controller.capabilities.drives_loop and \
+            granularity in controller.granularities:
+        out = drive_from_unroll(model, start.ctx, start.states.to(start.step_dtype), controller,
+                                max_loops=budget, granularity=granularity, record=True)
     else:
         out = run_loop(model, batch.tokens, controller, max_loops=budget,
                        granularity=granularity, record=True)

@@ -33,14 +33,25 @@ def _assert_same(a: dict[str, pd.DataFrame], b: dict[str, pd.DataFrame]) -> None
 
 
 def test_replayed_controllers_give_the_tables_of_running_them(plain, tmp_path, monkeypatch):
+    """Replayed controllers, and the solver started from the unroll's loop 0, against running
+    every one of them with run_loop from the tokens."""
+    import halting.replay
     from experiments.evaluate import measure
+    from halting import run_loop
 
-    replays = []
+    replays, solved = [], []
     original = measure.can_replay
     monkeypatch.setattr(measure, "can_replay",
                         lambda *args: replays.append(original(*args)) or False)
+
+    def run_it(model, ctx, states, controller, **kwargs):
+        solved.append(controller.name)
+        return run_loop(model, ctx.tokens, controller, **kwargs)
+
+    monkeypatch.setattr(halting.replay, "drive_from_unroll", run_it)
     run(compose_cfg(FAST), out_dir=tmp_path / "run")
     assert replays and all(replays)  # the default run did replay these controllers
+    assert solved and set(solved) == {"solver"}  # ... and start the solver from the unroll
     ran = _tables(tmp_path / "run")
     controllers = set(ran["results"]["controller"])
     assert {"convergence_kl", "res", "ouro_gate", "solver"} <= controllers

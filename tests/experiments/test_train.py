@@ -164,3 +164,24 @@ def test_reloading_a_finished_model_builds_no_optimizer(tmp_path):
         valid.cfg["train"]["lr"] * lr_factor(0, valid.cfg["train"]["steps"],
                                              valid.cfg["train"]["warmup_steps"],
                                              valid.cfg["train"]["min_lr_ratio"]))
+
+
+def test_foreach_adamw_trains_the_weights_of_the_per_tensor_loop(tmp_path, monkeypatch):
+    """The trainer's AdamW runs foreach (one call per operation over all parameters, issue 14):
+    the same arithmetic as torch's per-tensor loop, so the trained weights are bit-identical."""
+    plan, valid = first_plan([*TINY, "train.steps=6", "train.eval_every=4"])
+    fast = train_model(plan, valid.task, valid.cfg["train"], tmp_path / "foreach", seed=0)
+    built = []
+    adamw = torch.optim.AdamW
+
+    def per_tensor(*args, **kwargs):
+        built.append(kwargs.pop("foreach", None))
+        return adamw(*args, foreach=False, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", per_tensor)
+    slow = train_model(plan, valid.task, valid.cfg["train"], tmp_path / "loop", seed=0)
+    assert built == [True]  # the trainer asked for foreach; this run used the loop instead
+    for (name, a), (_, b) in zip(fast.model.state_dict().items(),
+                                 slow.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert fast.history == slow.history and len(fast.history) == 2  # validated at 4, 6

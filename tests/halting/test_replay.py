@@ -8,7 +8,7 @@ import torch
 from _tiny import SMALL
 
 from halting import build_controller, run_loop
-from halting.replay import replay_loop, replayable
+from halting.replay import drive_from_unroll, replay_loop, replayable
 
 BATCH = 24
 CONTROLLERS = {
@@ -185,3 +185,50 @@ def test_the_returned_context_continues_like_a_rebuilt_one(arch):
                             max_loops=12, record=True),
                 replay_loop(model, out.ctx, out.states, build_controller(dict(cfg)),
                             max_loops=12, record=True))
+
+
+@pytest.mark.parametrize("arch", ["parallel_loop", "serial_loop", "deq"])
+@pytest.mark.parametrize("solver", ["anderson", "fixed_point_iter"])
+def test_the_solver_from_the_stored_loop_zero_equals_running_it(arch, solver, monkeypatch):
+    """The solver still runs the model (every iteration a ``model.step``); only loop 0 is read
+    off the unroll, and the output is run_loop's, bit for bit; the unroll's context is left as
+    it was."""
+    model = SMALL.model(arch)
+    tokens = SMALL.tokens(batch=BATCH)
+    ctx, states = _unroll(model, tokens, 12)
+    cache = dict(ctx.cache)
+    cfg = {"name": "solver", "solver": solver, "tol": 1e-3}
+    steps: list[int] = []
+    step = type(model).step
+
+    def counted(self, z, c, k, **kwargs):
+        steps.append(k)
+        return step(self, z, c, k, **kwargs)
+
+    for budget in (4, 12):
+        with torch.no_grad():
+            ran = run_loop(model, tokens, build_controller(dict(cfg)), max_loops=budget,
+                           record=True)
+            steps.clear()
+            monkeypatch.setattr(type(model), "step", counted)
+            driven = drive_from_unroll(model, ctx, states, build_controller(dict(cfg)),
+                                       max_loops=budget, record=True)
+            monkeypatch.undo()
+        _assert_identical(ran, driven)
+        assert steps and 0 not in steps and len(steps) >= int(ran.depth.max()) - 1
+        assert ran.trace["solver_residual"].shape[0] >= 2
+    assert ctx.cache.keys() == cache.keys()
+    assert all(ctx.cache[key] is value for key, value in cache.items())
+
+
+def test_drive_from_unroll_refuses_what_it_cannot_drive():
+    model = SMALL.model("parallel_loop")
+    tokens = SMALL.tokens(batch=4)
+    ctx, states = _unroll(model, tokens, 4)
+    with pytest.raises(ValueError, match="does not drive its own loop"):
+        drive_from_unroll(model, ctx, states, "convergence", max_loops=4)
+    with pytest.raises(ValueError, match="K >= 1"):
+        drive_from_unroll(model, ctx, states[:1], "solver", max_loops=4)
+    model.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        drive_from_unroll(model, ctx, states, "solver", max_loops=4)
