@@ -61,28 +61,33 @@ INJECT_SCALE = 0.1
 
 @dataclass
 class Problem:
-    """f(z) = tanh(scale * (z @ W^T) + x), rows independent; ``rows`` selects per-sample data."""
+    """f(z, x) = tanh(scale * (z @ W^T) + x), rows independent; x (and scale) are ``inputs``."""
 
     name: str
     weight_t: Tensor  # (D, D), W transposed
     inject: Tensor  # (B, D)
     scale: Tensor | None = None  # (B, 1) per-sample contraction factors
 
-    def f(self, z: Tensor, rows: Tensor | None = None) -> Tensor:
-        inject = self.inject if rows is None else self.inject[rows]
+    @property
+    def inputs(self) -> tuple[Tensor, ...]:
+        """The per-sample inputs ``solve(..., inputs=...)`` slices to the active rows."""
+        return (self.inject,) if self.scale is None else (self.inject, self.scale)
+
+    def f(self, z: Tensor, inject: Tensor, scale: Tensor | None = None) -> Tensor:
+        """The natural DEQ map ``f(z, x)``: ``solve`` passes x sliced to the rows of z."""
         mixed = z @ self.weight_t  # (n, D)
-        if self.scale is not None:
-            mixed = mixed * (self.scale if rows is None else self.scale[rows])
+        if scale is not None:
+            mixed = mixed * scale
         return torch.tanh(mixed + inject)
 
     def plain(self, z: Tensor) -> Tensor:
-        """The whole-batch map without the ``rows`` keyword (torchdeq and bare loops)."""
-        return self.f(z)
+        """The whole-batch map ``f(z)`` closing over x (torchdeq and bare loops)."""
+        return self.f(z, *self.inputs)
 
     def residual(self, z: Tensor) -> Tensor:
         """(B,) ||f(z) - z||_2 / sqrt(D): the one norm both libraries are judged in."""
         with torch.no_grad():
-            return (self.f(z) - z).flatten(1).norm(dim=1) / math.sqrt(z[0].numel())
+            return (self.plain(z) - z).flatten(1).norm(dim=1) / math.sqrt(z[0].numel())
 
 
 def _orthogonal(dim: int, generator: torch.Generator) -> Tensor:
@@ -111,7 +116,8 @@ def ours(name: str, problem: Problem, f: Callable[..., Tensor], *, tol: float = 
 
     def run() -> Tensor:
         with torch.no_grad():
-            return solve(f, z0, solver=name, tol=tol, max_iter=max_iter, stop_mode="abs").z
+            return solve(f, z0, inputs=problem.inputs, solver=name, tol=tol, max_iter=max_iter,
+                         stop_mode="abs").z
 
     return run
 
@@ -135,13 +141,13 @@ class Counter:
     def __init__(self, problem: Problem) -> None:
         self.problem, self.rows = problem, 0
 
-    def f(self, z: Tensor, rows: Tensor | None = None) -> Tensor:
+    def f(self, z: Tensor, *inputs: Tensor) -> Tensor:
         self.rows += z.shape[0]
-        return self.problem.f(z, rows)
+        return self.problem.f(z, *inputs)
 
     def plain(self, z: Tensor) -> Tensor:
         self.rows += z.shape[0]
-        return self.problem.f(z)
+        return self.problem.plain(z)
 
 
 def _solver_cases(problem: Problem) -> dict[str, tuple[Callable[[], Tensor], Counter]]:
@@ -267,7 +273,8 @@ def batchwide(name: str, problem: Problem, iterations: int) -> Callable[[], Tens
     def run() -> Tensor:
         with torch.no_grad():
             state = FixedPointProblem(problem.f, z0, tol=TOL, max_iter=iterations,
-                                      stop_mode="abs", solver=name, freeze=False)
+                                      stop_mode="abs", solver=name, freeze=False,
+                                      inputs=problem.inputs)
             return solver(state).z
 
     return run
@@ -289,8 +296,8 @@ def bench_per_sample(cfg: BenchConfig) -> list[Row]:
     rows = []
     for name in ("fixed_point_iter", "anderson"):
         with torch.no_grad():
-            solution = solve(problem.f, z0, solver=name, tol=TOL, max_iter=max_iter,
-                             stop_mode="abs")
+            solution = solve(problem.f, z0, inputs=problem.inputs, solver=name, tol=TOL,
+                             max_iter=max_iter, stop_mode="abs")
         slowest = int(solution.steps.max())
         per_sample, batch_rows = int(solution.steps.sum()), BATCH * slowest
         raw = {"steps": solution.steps, "converged": int(solution.converged.sum())}
@@ -319,14 +326,12 @@ def deq_training_step(model: Any, tokens: Tensor, iterations: int, backward: str
     """
     ctx = model.prepare(tokens)
     z0 = model.init_state(ctx)
-    batch = z0.shape[0]
 
-    def f(z: Tensor, rows: Tensor | None = None) -> Tensor:
-        sub = ctx if rows is None or rows.numel() == batch else ctx.select(rows)
+    def f(z: Tensor, sub: Any) -> Tensor:  # sub: ctx sliced to z's rows by solve
         return model.step(z, sub, 1)
 
-    solution = solve(f, z0, solver="fixed_point_iter", tol=1e-30, max_iter=iterations,
-                     stop_mode="abs", backward=backward)
+    solution = solve(f, z0, inputs=(ctx,), solver="fixed_point_iter", tol=1e-30,
+                     max_iter=iterations, stop_mode="abs", backward=backward)
     logits = model.readout(solution.z, ctx)  # (B, T, V)
     loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
     loss.backward()
