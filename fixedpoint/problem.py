@@ -36,6 +36,8 @@ from torch import Tensor
 from fixedpoint.maps import RowMap, as_row_map
 
 STATUS_NAMES = ("converged", "max_iter", "diverged")
+LIMIT_EVERY = 8  # iterations between blow-up checks (the tolerance is checked every iteration)
+WINDOW_BYTES = 64 * 2**20  # most memory the iterates kept for those checks may hold
 CONVERGED, MAX_ITER, DIVERGED = 0, 1, 2
 
 
@@ -212,7 +214,11 @@ class Problem:
         self.norm = ResidualNorm(stop_mode, z0.shape[1:], z0.dtype)
         self._threshold = self.norm.threshold(tol)
         self._limit: Tensor | None = None
-        self._min_limit = math.inf
+        self._columns: list[Tensor] = []  # residuals of the current segment, one per iteration
+        self._window: list[Tensor] = []  # iterates since the last blow-up check (references)
+        state_bytes = z0.numel() * z0.element_size()
+        self._every = 1 if return_best or state_bytes * LIMIT_EVERY > WINDOW_BYTES \
+            else LIMIT_EVERY
         self._steps = torch.zeros(batch, dtype=torch.long, device=device)
         self._status = torch.full((batch,), MAX_ITER, dtype=torch.int8, device=device)
         self._segments = [_Segment(self.rows, 0)]
@@ -250,6 +256,13 @@ class Problem:
     def observe(self, z: Tensor, fz: Tensor) -> Tensor | None:
         """Record the residual of iterate ``z`` (whose image is ``fz``) and freeze stopped rows.
 
+        Every iteration costs one reduction (the smallest residual: a row at or below ``tol``, or
+        a NaN, shows there) and one host sync. The blow-up limit (``diverge_factor``) is checked
+        on the last ``_every`` iterations at once, with their iterates kept by reference, so a
+        row that crossed it is still frozen exactly at the iterate where it did (its ``steps``,
+        status and ``z`` are those of that iteration; only its few evaluations past it are
+        spent). ``gap`` holds ``fz - z`` for solvers that reuse it.
+
         Returns:
             ``None`` when every active row continues (the common case: nothing to compact), else
             the positions, within the current active rows, of the rows that continue.
@@ -259,10 +272,9 @@ class Problem:
                 residual = self.norm(z.detach(), fz.detach())
         else:
             residual = self.norm(z, fz)
-        segment = self._segments[-1]
-        segment.residuals.append(residual)
+        self._columns.append(residual)
         if self.record:
-            segment.states.append(z.detach())
+            self._segments[-1].states.append(z.detach())
         self._last = z
         if self.return_best:
             self._update_best(z, residual)
@@ -271,19 +283,63 @@ class Problem:
             return None
         if self._limit is None:  # first evaluation: NaN/Inf diverges, else set the blow-up limit
             self._limit = residual * self.diverge_factor
-            going = (residual > self._threshold) & torch.isfinite(residual)
-        else:
-            # Fast path, one reduction and no per-row mask: no row stops if the smallest residual
-            # is above tol and the largest below every row's limit (NaN fails both tests).
-            low, high = torch.aminmax(residual)
-            low, high = torch.stack((low, high)).tolist()  # one host sync, not two
-            if low > self._threshold and high <= self._min_limit:
+            self._window.append(z)
+            stops = ~((residual > self._threshold) & torch.isfinite(residual))
+            return self._check(stops[:, None] if bool(stops.any()) else None)
+        self._window.append(z)
+        if float(residual.min()) > self._threshold:  # no row at tol; NaN fails this test
+            if len(self._window) < self._every and self.k < self.max_iter:
                 return None
-            going = (residual > self._threshold) & (residual <= self._limit)
-        if bool(going.all()):
-            self._min_limit = float(self._limit.min())
+            low_only = True
+        else:
+            low_only = False
+        block = torch.stack(self._columns[-len(self._window):], 1)  # (A, W)
+        stops = ~(block <= self._limit[:, None])  # above the limit, or NaN
+        if not low_only:
+            stops |= block <= self._threshold
+        elif not bool(stops.any()):
+            return self._check(None)
+        return self._check(stops)
+
+    def _check(self, stops: Tensor | None) -> Tensor | None:
+        """Freeze each row at the first window column where ``stops`` (A, W) is set."""
+        if stops is None:
+            self._window = []
             return None
-        return self._freeze(going, residual)
+        hit = stops.any(1)
+        if not bool(hit.any()):
+            self._window = []
+            return None
+        first = stops.to(torch.uint8).argmax(1)  # first stopping column of each row
+        stop = hit.nonzero().squeeze(1)
+        keep = (~hit).nonzero().squeeze(1)
+        at = first[stop]
+        width = len(self._window)
+        residual = torch.stack(self._columns[-width:], 1)[stop, at]
+        stopped_rows = self.rows[stop]
+        converged = residual <= self._threshold
+        self._status[stopped_rows] = torch.where(converged, CONVERGED, DIVERGED).to(torch.int8)
+        self._steps[stopped_rows] = self.k - width + 1 + at
+        if width == 1 or bool((at == width - 1).all()):
+            last = self._window[-1][stop]
+        else:  # some row stopped before the newest iterate: take it from the window
+            last = torch.stack(self._window)[at, stop]
+        best = self._best_z[stop] if self.return_best else None
+        self._frozen.append((stopped_rows, last, best))
+        self._window = []
+        self.rows = self.rows[keep]
+        self.norm.select(keep)
+        self._limit = self._limit[keep]
+        self._last = self._last[keep]
+        if self.return_best:
+            self._best_r, self._best_z = self._best_r[keep], self._best_z[keep]
+        self._close_segment()
+        self._segments.append(_Segment(self.rows, self.k))
+        return keep
+
+    def _close_segment(self) -> None:
+        segment = self._segments[-1]
+        segment.residuals, self._columns = self._columns, []
 
     def _update_best(self, z: Tensor, residual: Tensor) -> None:
         if self._best_r is None:
@@ -296,27 +352,9 @@ class Problem:
         mask = better.view(-1, *([1] * (z.dim() - 1)))  # (A, 1, ..., 1)
         self._best_z = torch.where(mask, z, self._best_z)
 
-    def _freeze(self, going: Tensor, residual: Tensor) -> Tensor:
-        stop = (~going).nonzero().squeeze(1)
-        keep = going.nonzero().squeeze(1)
-        stopped_rows = self.rows[stop]
-        converged = residual[stop] <= self._threshold
-        self._status[stopped_rows] = torch.where(converged, CONVERGED, DIVERGED).to(torch.int8)
-        self._steps[stopped_rows] = self.k
-        best = self._best_z[stop] if self.return_best else None
-        self._frozen.append((stopped_rows, self._last[stop], best))
-        self.rows = self.rows[keep]
-        self.norm.select(keep)
-        self._limit = self._limit[keep]
-        self._min_limit = float(self._limit.min()) if keep.numel() else math.inf
-        self._last = self._last[keep]
-        if self.return_best:
-            self._best_r, self._best_z = self._best_r[keep], self._best_z[keep]
-        self._segments.append(_Segment(self.rows, self.k))
-        return keep
-
     def finish(self) -> Solution:
         """Close the solve: rows still active end with status ``max_iter``."""
+        self._close_segment()
         if self.active:
             self._steps[self.rows] = self.k
             last = self._last if self._last is not None else self.z0
@@ -356,6 +394,8 @@ class Problem:
                 block = torch.where(torch.isnan(block), math.inf, block)  # NaN f(z) -> inf
                 end = segment.start + block.shape[1]
                 trace[segment.rows, segment.start:end] = block
+        if self.freeze and self.k:  # a row frozen inside a window was evaluated past its stop
+            trace[torch.arange(self.k, device=trace.device) >= self._steps[:, None]] = math.nan
         return self.norm.report(trace)
 
     def _states(self, last: Tensor) -> Tensor:
@@ -364,4 +404,8 @@ class Problem:
             if segment.states:
                 block = torch.stack(segment.states, 0)  # (L, A, ...)
                 states[segment.start:segment.start + block.shape[0], segment.rows] = block
+        if self.freeze and self.k:  # after its stop a row shows the state it is frozen at
+            after = torch.arange(self.k, device=states.device)[:, None] >= self._steps
+            after = after.view(*after.shape, *([1] * (last.dim() - 1)))
+            states = torch.where(after, last.detach().unsqueeze(0), states)
         return states
