@@ -114,6 +114,7 @@ class ResidualNorm:
         low = dtype in (torch.float16, torch.bfloat16)
         self.norm_dtype = torch.float32 if low else None
         self._floor: Tensor | None = None  # rel: 1e-3 ||f(z_0)|| per sample, floored
+        self.gap: Tensor | None = None  # f(z) - z of the latest call
 
     def _norm(self, x: Tensor) -> Tensor:
         if x.dim() == 1:  # state (B,): one scalar per sample
@@ -121,7 +122,8 @@ class ResidualNorm:
         return torch.linalg.vector_norm(x, dim=self.dims, dtype=self.norm_dtype)
 
     def __call__(self, z: Tensor, fz: Tensor) -> Tensor:
-        diff = self._norm(fz - z)
+        self.gap = fz - z  # kept for solvers that need the residual vector itself
+        diff = self._norm(self.gap)
         if self.mode == "abs":
             return diff
         fz_norm = self._norm(fz)
@@ -231,6 +233,11 @@ class Problem:
     def active(self) -> int:
         """Number of rows still being iterated."""
         return self.rows.shape[0]
+
+    @property
+    def gap(self) -> Tensor | None:
+        """``f(z) - z`` (A, ...) of the latest ``observe``, rows as before its compaction."""
+        return self.norm.gap
 
     @property
     def done(self) -> bool:
