@@ -22,6 +22,14 @@ Residuals (one per f evaluation, RMS units so that a tolerance means the same at
 Divergence: a sample whose residual is not finite (NaN/Inf in ``f(z)``), or exceeds
 ``diverge_factor`` times its first residual, is marked ``diverged`` and frozen at its last
 iterate; every other sample continues exactly as if it had never been in the batch.
+
+Cost per iteration: the residual norm, one reduction (the smallest residual of the active rows:
+a row at or below ``tol``, or a NaN anywhere, shows there) and one host sync; the rows are then
+compacted in the very iteration they stop, so stopped rows are never evaluated again. The
+blow-up limit is checked on the last 8 iterations at once (their iterates are kept by reference,
+at most ``WINDOW_BYTES``; every iteration with ``return_best``), and a row that crossed it is
+frozen at the exact iterate where it did: steps, status, z, trace and states are the same as
+with a check every iteration.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,7 +65,9 @@ class Solution:
             its j-th f evaluation; after a sample stopped, its last iterate is repeated (the state
             it is frozen at), while its residual there is NaN (no evaluation was made).
         evaluations: total rows f was evaluated on during the forward solve (sum of ``steps``
-            for native solvers; backward re-attachment evaluations are not counted).
+            for native solvers, plus at most 7 evaluations past the crossing for each sample
+            frozen for exceeding ``diverge_factor``, which is checked every 8 iterations;
+            backward re-attachment evaluations are not counted).
         stop_mode: ``"abs"`` or ``"rel"``: the norm of ``residuals`` (see the module docstring).
         tol: the tolerance a residual had to reach to count as converged.
         solver: the registered name of the solver that produced this.
@@ -241,11 +252,20 @@ class Problem:
 
     @property
     def done(self) -> bool:
-        return self.active == 0 or self.k >= self.max_iter
+        return self.k >= self.max_iter or self.rows.shape[0] == 0
 
     def evaluate(self, z: Tensor) -> Tensor:
         """``f`` on the active rows ``z`` (A, ...); checks the output and casts it to z's dtype."""
         fz = self.call(z, self.rows)
+        if not isinstance(fz, Tensor) or fz.shape != z.shape or self.k == 0:
+            self._check_output(z, fz)
+        # a plain f(z) over batch tensors runs on every row once it is found out (fixedpoint.maps)
+        self.evaluations += self.z0.shape[0] if self.call.whole_batch else z.shape[0]
+        return fz if fz.dtype == z.dtype else fz.to(z.dtype)
+
+    @staticmethod
+    def _check_output(z: Tensor, fz: Any) -> None:
+        """One clear error for an output that is not a tensor of z's shape on z's device."""
         if not isinstance(fz, Tensor):
             raise TypeError(f"f must return a Tensor, got {type(fz).__name__}")
         if fz.shape != z.shape:
@@ -253,12 +273,9 @@ class Problem:
                 f"f must return the shape of its input: expected {tuple(z.shape)}, "
                 f"received {tuple(fz.shape)}"
             )
-        if fz.device != z.device:
+        if fz.device != z.device:  # checked on the first call (a map does not move devices)
             raise ValueError(f"f must return a tensor on its input's device: expected {z.device}, "
                              f"received {fz.device}")
-        # a plain f(z) over batch tensors runs on every row once it is found out (fixedpoint.maps)
-        self.evaluations += self.z0.shape[0] if self.call.whole_batch else z.shape[0]
-        return fz if fz.dtype == z.dtype else fz.to(z.dtype)
 
     def observe(self, z: Tensor, fz: Tensor) -> Tensor | None:
         """Record the residual of iterate ``z`` (whose image is ``fz``) and freeze stopped rows.
@@ -301,11 +318,12 @@ class Problem:
         else:
             low_only = False
         block = torch.stack(self._columns[-len(self._window):], 1)  # (A, W)
-        stops = ~(block <= self._limit[:, None])  # above the limit, or NaN
+        below = block <= self._limit[:, None]  # False: above the limit, or NaN
+        if low_only and bool(below.all()):
+            return self._check(None)
+        stops = ~below
         if not low_only:
             stops |= block <= self._threshold
-        elif not bool(stops.any()):
-            return self._check(None)
         return self._check(stops)
 
     def _check(self, stops: Tensor | None) -> Tensor | None:

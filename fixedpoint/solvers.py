@@ -10,7 +10,9 @@ Sources:
 * Anderson acceleration, type II, as in Walker & Ni, "Anderson acceleration for fixed-point
   iterations" (SIAM J. Numer. Anal. 2011) and the DEQ tutorial (Kolter, Duvenaud, Johnson 2020):
   solve ``[[0, 1^T], [1, G G^T + lam I]] [nu; alpha] = [1; 0]`` and mix
-  ``z = beta sum_i alpha_i f(x_i) + (1 - beta) sum_i alpha_i x_i``. Unlike torchdeq 0.1.0 the
+  ``z = beta sum_i alpha_i f(x_i) + (1 - beta) sum_i alpha_i x_i``, computed as
+  ``alpha = y / sum(y)`` with ``(G G^T + lam I) y = 1`` (the same solution, a smaller system) and
+  the Gram matrix ``G G^T`` kept incrementally, one new row per step. Unlike torchdeq 0.1.0 the
   regulariser is relative (``lam`` times the mean diagonal of ``G G^T``, so it never swamps small
   residuals), the small system is solved in float32 (or float64) so bf16/fp16 states work, and a
   row whose system is singular or non-finite takes a plain damped step instead.
