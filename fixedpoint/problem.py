@@ -335,20 +335,24 @@ class Problem:
         if not bool(hit.any()):
             self._window = []
             return None
-        first = stops.to(torch.uint8).argmax(1)  # first stopping column of each row
         stop = hit.nonzero().squeeze(1)
         keep = (~hit).nonzero().squeeze(1)
-        at = first[stop]
-        width = len(self._window)
-        residual = torch.stack(self._columns[-width:], 1)[stop, at]
         stopped_rows = self.rows[stop]
+        width = len(self._window)
+        if width == 1:  # the common case: rows stop at the newest iterate
+            residual = self._columns[-1][stop]
+            self._steps[stopped_rows] = self.k
+            last = self._window[-1][stop]
+        else:
+            at = stops.to(torch.uint8).argmax(1)[stop]  # first stopping column of each row
+            residual = torch.stack(self._columns[-width:], 1)[stop, at]
+            self._steps[stopped_rows] = self.k - width + 1 + at
+            if bool((at == width - 1).all()):
+                last = self._window[-1][stop]
+            else:  # some row stopped before the newest iterate: take it from the window
+                last = torch.stack(self._window)[at, stop]
         converged = residual <= self._threshold
         self._status[stopped_rows] = torch.where(converged, CONVERGED, DIVERGED).to(torch.int8)
-        self._steps[stopped_rows] = self.k - width + 1 + at
-        if width == 1 or bool((at == width - 1).all()):
-            last = self._window[-1][stop]
-        else:  # some row stopped before the newest iterate: take it from the window
-            last = torch.stack(self._window)[at, stop]
         best = self._best_z[stop] if self.return_best else None
         self._frozen.append((stopped_rows, last, best))
         self._window = []
