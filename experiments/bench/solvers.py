@@ -288,7 +288,7 @@ def _bookkeeping_rows(problem: Problem, cfg: BenchConfig) -> list[Row]:
             f"bare {BATCH * iterations}")
     return [
         make_row("solvers", f"fixed_point_iter bookkeeping: ours ({iterations} it) / bare loop",
-                 ratios(times, "ours", "bare"), "<= 1.5", raw=raw, config=config, note=note),
+                 ratios(times, "ours", "bare"), "<= 1.3", raw=raw, config=config, note=note),
         make_row("solvers", f"fixed_point_iter bookkeeping: torchdeq ({iterations} it) / bare "
                  "loop", ratios(times, "torchdeq", "bare"), None, raw=raw, config=config,
                  note=note),
