@@ -22,6 +22,14 @@ Residuals (one per f evaluation, RMS units so that a tolerance means the same at
 Divergence: a sample whose residual is not finite (NaN/Inf in ``f(z)``), or exceeds
 ``diverge_factor`` times its first residual, is marked ``diverged`` and frozen at its last
 iterate; every other sample continues exactly as if it had never been in the batch.
+
+Cost per iteration: the residual norm, one reduction (the smallest residual of the active rows:
+a row at or below ``tol``, or a NaN anywhere, shows there) and one host sync; the rows are then
+compacted in the very iteration they stop, so stopped rows are never evaluated again. The
+blow-up limit is checked on the last 8 iterations at once (their iterates are kept by reference,
+at most ``WINDOW_BYTES``; every iteration with ``return_best``), and a row that crossed it is
+frozen at the exact iterate where it did: steps, status, z, trace and states are the same as
+with a check every iteration.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,6 +45,8 @@ from torch import Tensor
 from fixedpoint.maps import RowMap, as_row_map
 
 STATUS_NAMES = ("converged", "max_iter", "diverged")
+LIMIT_EVERY = 8  # iterations between blow-up checks (the tolerance is checked every iteration)
+WINDOW_BYTES = 64 * 2**20  # most memory the iterates kept for those checks may hold
 CONVERGED, MAX_ITER, DIVERGED = 0, 1, 2
 
 
@@ -54,7 +65,9 @@ class Solution:
             its j-th f evaluation; after a sample stopped, its last iterate is repeated (the state
             it is frozen at), while its residual there is NaN (no evaluation was made).
         evaluations: total rows f was evaluated on during the forward solve (sum of ``steps``
-            for native solvers; backward re-attachment evaluations are not counted).
+            for native solvers, plus at most 7 evaluations past the crossing for each sample
+            frozen for exceeding ``diverge_factor``, which is checked every 8 iterations;
+            backward re-attachment evaluations are not counted).
         stop_mode: ``"abs"`` or ``"rel"``: the norm of ``residuals`` (see the module docstring).
         tol: the tolerance a residual had to reach to count as converged.
         solver: the registered name of the solver that produced this.
@@ -112,6 +125,7 @@ class ResidualNorm:
         low = dtype in (torch.float16, torch.bfloat16)
         self.norm_dtype = torch.float32 if low else None
         self._floor: Tensor | None = None  # rel: 1e-3 ||f(z_0)|| per sample, floored
+        self.gap: Tensor | None = None  # f(z) - z of the latest call
 
     def _norm(self, x: Tensor) -> Tensor:
         if x.dim() == 1:  # state (B,): one scalar per sample
@@ -119,7 +133,8 @@ class ResidualNorm:
         return torch.linalg.vector_norm(x, dim=self.dims, dtype=self.norm_dtype)
 
     def __call__(self, z: Tensor, fz: Tensor) -> Tensor:
-        diff = self._norm(fz - z)
+        self.gap = fz - z  # kept for solvers that need the residual vector itself
+        diff = self._norm(self.gap)
         if self.mode == "abs":
             return diff
         fz_norm = self._norm(fz)
@@ -212,7 +227,11 @@ class Problem:
         self.norm = ResidualNorm(stop_mode, z0.shape[1:], z0.dtype)
         self._threshold = self.norm.threshold(tol)
         self._limit: Tensor | None = None
-        self._min_limit = math.inf
+        self._columns: list[Tensor] = []  # residuals of the current segment, one per iteration
+        self._window: list[Tensor] = []  # iterates since the last blow-up check (references)
+        state_bytes = z0.numel() * z0.element_size()
+        self._every = 1 if return_best or state_bytes * LIMIT_EVERY > WINDOW_BYTES \
+            else LIMIT_EVERY
         self._steps = torch.zeros(batch, dtype=torch.long, device=device)
         self._status = torch.full((batch,), MAX_ITER, dtype=torch.int8, device=device)
         self._segments = [_Segment(self.rows, 0)]
@@ -227,12 +246,26 @@ class Problem:
         return self.rows.shape[0]
 
     @property
+    def gap(self) -> Tensor | None:
+        """``f(z) - z`` (A, ...) of the latest ``observe``, rows as before its compaction."""
+        return self.norm.gap
+
+    @property
     def done(self) -> bool:
-        return self.active == 0 or self.k >= self.max_iter
+        return self.k >= self.max_iter or self.rows.shape[0] == 0
 
     def evaluate(self, z: Tensor) -> Tensor:
         """``f`` on the active rows ``z`` (A, ...); checks the output and casts it to z's dtype."""
         fz = self.call(z, self.rows)
+        if not isinstance(fz, Tensor) or fz.shape != z.shape or self.k == 0:
+            self._check_output(z, fz)
+        # a plain f(z) over batch tensors runs on every row once it is found out (fixedpoint.maps)
+        self.evaluations += self.z0.shape[0] if self.call.whole_batch else z.shape[0]
+        return fz if fz.dtype == z.dtype else fz.to(z.dtype)
+
+    @staticmethod
+    def _check_output(z: Tensor, fz: Any) -> None:
+        """One clear error for an output that is not a tensor of z's shape on z's device."""
         if not isinstance(fz, Tensor):
             raise TypeError(f"f must return a Tensor, got {type(fz).__name__}")
         if fz.shape != z.shape:
@@ -240,15 +273,19 @@ class Problem:
                 f"f must return the shape of its input: expected {tuple(z.shape)}, "
                 f"received {tuple(fz.shape)}"
             )
-        if fz.device != z.device:
+        if fz.device != z.device:  # checked on the first call (a map does not move devices)
             raise ValueError(f"f must return a tensor on its input's device: expected {z.device}, "
                              f"received {fz.device}")
-        # a plain f(z) over batch tensors runs on every row once it is found out (fixedpoint.maps)
-        self.evaluations += self.z0.shape[0] if self.call.whole_batch else z.shape[0]
-        return fz if fz.dtype == z.dtype else fz.to(z.dtype)
 
     def observe(self, z: Tensor, fz: Tensor) -> Tensor | None:
         """Record the residual of iterate ``z`` (whose image is ``fz``) and freeze stopped rows.
+
+        Every iteration costs one reduction (the smallest residual: a row at or below ``tol``, or
+        a NaN, shows there) and one host sync. The blow-up limit (``diverge_factor``) is checked
+        on the last ``_every`` iterations at once, with their iterates kept by reference, so a
+        row that crossed it is still frozen exactly at the iterate where it did (its ``steps``,
+        status and ``z`` are those of that iteration; only its few evaluations past it are
+        spent). ``gap`` holds ``fz - z`` for solvers that reuse it.
 
         Returns:
             ``None`` when every active row continues (the common case: nothing to compact), else
@@ -259,10 +296,9 @@ class Problem:
                 residual = self.norm(z.detach(), fz.detach())
         else:
             residual = self.norm(z, fz)
-        segment = self._segments[-1]
-        segment.residuals.append(residual)
+        self._columns.append(residual)
         if self.record:
-            segment.states.append(z.detach())
+            self._segments[-1].states.append(z.detach())
         self._last = z
         if self.return_best:
             self._update_best(z, residual)
@@ -271,19 +307,68 @@ class Problem:
             return None
         if self._limit is None:  # first evaluation: NaN/Inf diverges, else set the blow-up limit
             self._limit = residual * self.diverge_factor
-            going = (residual > self._threshold) & torch.isfinite(residual)
-        else:
-            # Fast path, one reduction and no per-row mask: no row stops if the smallest residual
-            # is above tol and the largest below every row's limit (NaN fails both tests).
-            low, high = torch.aminmax(residual)
-            low, high = torch.stack((low, high)).tolist()  # one host sync, not two
-            if low > self._threshold and high <= self._min_limit:
+            self._window.append(z)
+            stops = ~((residual > self._threshold) & torch.isfinite(residual))
+            return self._check(stops[:, None] if bool(stops.any()) else None)
+        self._window.append(z)
+        if float(residual.min()) > self._threshold:  # no row at tol; NaN fails this test
+            if len(self._window) < self._every and self.k < self.max_iter:
                 return None
-            going = (residual > self._threshold) & (residual <= self._limit)
-        if bool(going.all()):
-            self._min_limit = float(self._limit.min())
+            low_only = True
+        else:
+            low_only = False
+        block = torch.stack(self._columns[-len(self._window):], 1)  # (A, W)
+        below = block <= self._limit[:, None]  # False: above the limit, or NaN
+        if low_only and bool(below.all()):
+            return self._check(None)
+        stops = ~below
+        if not low_only:
+            stops |= block <= self._threshold
+        return self._check(stops)
+
+    def _check(self, stops: Tensor | None) -> Tensor | None:
+        """Freeze each row at the first window column where ``stops`` (A, W) is set."""
+        if stops is None:
+            self._window = []
             return None
-        return self._freeze(going, residual)
+        hit = stops.any(1)
+        if not bool(hit.any()):
+            self._window = []
+            return None
+        stop = hit.nonzero().squeeze(1)
+        keep = (~hit).nonzero().squeeze(1)
+        stopped_rows = self.rows[stop]
+        width = len(self._window)
+        if width == 1:  # the common case: rows stop at the newest iterate
+            residual = self._columns[-1][stop]
+            self._steps[stopped_rows] = self.k
+            last = self._window[-1][stop]
+        else:
+            at = stops.to(torch.uint8).argmax(1)[stop]  # first stopping column of each row
+            residual = torch.stack(self._columns[-width:], 1)[stop, at]
+            self._steps[stopped_rows] = self.k - width + 1 + at
+            if bool((at == width - 1).all()):
+                last = self._window[-1][stop]
+            else:  # some row stopped before the newest iterate: take it from the window
+                last = torch.stack(self._window)[at, stop]
+        converged = residual <= self._threshold
+        self._status[stopped_rows] = torch.where(converged, CONVERGED, DIVERGED).to(torch.int8)
+        best = self._best_z[stop] if self.return_best else None
+        self._frozen.append((stopped_rows, last, best))
+        self._window = []
+        self.rows = self.rows[keep]
+        self.norm.select(keep)
+        self._limit = self._limit[keep]
+        self._last = self._last[keep]
+        if self.return_best:
+            self._best_r, self._best_z = self._best_r[keep], self._best_z[keep]
+        self._close_segment()
+        self._segments.append(_Segment(self.rows, self.k))
+        return keep
+
+    def _close_segment(self) -> None:
+        segment = self._segments[-1]
+        segment.residuals, self._columns = self._columns, []
 
     def _update_best(self, z: Tensor, residual: Tensor) -> None:
         if self._best_r is None:
@@ -296,27 +381,9 @@ class Problem:
         mask = better.view(-1, *([1] * (z.dim() - 1)))  # (A, 1, ..., 1)
         self._best_z = torch.where(mask, z, self._best_z)
 
-    def _freeze(self, going: Tensor, residual: Tensor) -> Tensor:
-        stop = (~going).nonzero().squeeze(1)
-        keep = going.nonzero().squeeze(1)
-        stopped_rows = self.rows[stop]
-        converged = residual[stop] <= self._threshold
-        self._status[stopped_rows] = torch.where(converged, CONVERGED, DIVERGED).to(torch.int8)
-        self._steps[stopped_rows] = self.k
-        best = self._best_z[stop] if self.return_best else None
-        self._frozen.append((stopped_rows, self._last[stop], best))
-        self.rows = self.rows[keep]
-        self.norm.select(keep)
-        self._limit = self._limit[keep]
-        self._min_limit = float(self._limit.min()) if keep.numel() else math.inf
-        self._last = self._last[keep]
-        if self.return_best:
-            self._best_r, self._best_z = self._best_r[keep], self._best_z[keep]
-        self._segments.append(_Segment(self.rows, self.k))
-        return keep
-
     def finish(self) -> Solution:
         """Close the solve: rows still active end with status ``max_iter``."""
+        self._close_segment()
         if self.active:
             self._steps[self.rows] = self.k
             last = self._last if self._last is not None else self.z0
@@ -356,6 +423,8 @@ class Problem:
                 block = torch.where(torch.isnan(block), math.inf, block)  # NaN f(z) -> inf
                 end = segment.start + block.shape[1]
                 trace[segment.rows, segment.start:end] = block
+        if self.freeze and self.k:  # a row frozen inside a window was evaluated past its stop
+            trace[torch.arange(self.k, device=trace.device) >= self._steps[:, None]] = math.nan
         return self.norm.report(trace)
 
     def _states(self, last: Tensor) -> Tensor:
@@ -364,4 +433,8 @@ class Problem:
             if segment.states:
                 block = torch.stack(segment.states, 0)  # (L, A, ...)
                 states[segment.start:segment.start + block.shape[0], segment.rows] = block
+        if self.freeze and self.k:  # after its stop a row shows the state it is frozen at
+            after = torch.arange(self.k, device=states.device)[:, None] >= self._steps
+            after = after.view(*after.shape, *([1] * (last.dim() - 1)))
+            states = torch.where(after, last.detach().unsqueeze(0), states)
         return states

@@ -10,7 +10,9 @@ Sources:
 * Anderson acceleration, type II, as in Walker & Ni, "Anderson acceleration for fixed-point
   iterations" (SIAM J. Numer. Anal. 2011) and the DEQ tutorial (Kolter, Duvenaud, Johnson 2020):
   solve ``[[0, 1^T], [1, G G^T + lam I]] [nu; alpha] = [1; 0]`` and mix
-  ``z = beta sum_i alpha_i f(x_i) + (1 - beta) sum_i alpha_i x_i``. Unlike torchdeq 0.1.0 the
+  ``z = beta sum_i alpha_i f(x_i) + (1 - beta) sum_i alpha_i x_i``, computed as
+  ``alpha = y / sum(y)`` with ``(G G^T + lam I) y = 1`` (the same solution, a smaller system) and
+  the Gram matrix ``G G^T`` kept incrementally, one new row per step. Unlike torchdeq 0.1.0 the
   regulariser is relative (``lam`` times the mean diagonal of ``G G^T``, so it never swamps small
   residuals), the small system is solved in float32 (or float64) so bf16/fp16 states work, and a
   row whose system is singular or non-finite takes a plain damped step instead.
@@ -63,39 +65,65 @@ def fixed_point_iter(problem: Problem, *, tau: float = 1.0) -> Solution:
     return problem.finish()
 
 
-def _anderson_weights(x_hist: Tensor, f_hist: Tensor, lam: float, newest: int) -> Tensor:
-    """Mixing weights alpha (A, n) of type-II Anderson from histories (A, n, D).
+class _AndersonHistory:
+    """Per-row Anderson history with an incrementally kept Gram matrix of the residuals.
 
-    Rows whose bordered system is singular or gives non-finite weights fall back to weight 1
-    on the newest entry (a plain step).
+    ``x``/``f`` (A, m, D) hold the last m iterates and images (state dtype), ``g`` (A, m, D) their
+    residuals ``f - x`` and ``gram`` (A, m, m) the dot products ``g_i . g_j`` in the compute dtype:
+    a new entry costs one (A, m, D) x (A, D) product for its Gram row instead of rebuilding all
+    m^2 products (and m subtractions) every iteration. Everything is batched over rows: no
+    per-row Python and no host sync.
     """
-    dtype = _compute_dtype(x_hist.dtype)
-    gaps = f_hist.to(dtype) - x_hist.to(dtype)  # (A, n, D) residuals g_i = f(x_i) - x_i
-    gram = torch.bmm(gaps, gaps.transpose(1, 2))  # (A, n, n)
-    count = gram.shape[-1]
-    scale = gram.diagonal(dim1=1, dim2=2).mean(-1)  # (A,) mean ||g_i||^2
-    eye = torch.eye(count, dtype=dtype, device=gram.device)
-    system = gram.new_zeros(gram.shape[0], count + 1, count + 1)  # (A, n+1, n+1)
-    system[:, 0, 1:] = 1.0
-    system[:, 1:, 0] = 1.0
-    system[:, 1:, 1:] = gram + (lam * scale)[:, None, None] * eye
-    rhs = gram.new_zeros(gram.shape[0], count + 1, 1)
-    rhs[:, 0] = 1.0
-    solution, info = torch.linalg.solve_ex(system, rhs)
-    alpha = solution[:, 1:, 0]  # (A, n)
-    bad = (info != 0) | ~torch.isfinite(alpha).all(-1)
-    plain = torch.zeros_like(alpha)
-    plain[:, newest] = 1.0
-    return torch.where(bad[:, None], plain, alpha)
 
+    def __init__(self, z: Tensor, m: int) -> None:
+        rows, width = z.shape[0], z[0].numel()
+        self.work = _compute_dtype(z.dtype)
+        self.x = z.new_empty(rows, m, width)
+        self.f = torch.empty_like(self.x)
+        self.g = z.new_empty(rows, m, width, dtype=self.work)
+        self.gram = z.new_zeros(rows, m, m, dtype=self.work)
+        self.ones = z.new_ones(rows, m, 1, dtype=self.work)
+        self.eye = torch.eye(m, dtype=self.work, device=z.device)
 
-def _anderson_mix(x_hist: Tensor, f_hist: Tensor, lam: float, newest: int, beta: float) -> Tensor:
-    """Next iterate (A, D), mixed in float32/64 (bf16 weights would cancel badly)."""
-    alpha = _anderson_weights(x_hist, f_hist, lam, newest)[:, None]  # (A, 1, n)
-    mixed = torch.bmm(alpha, f_hist.to(alpha.dtype))  # (A, 1, D)
-    if beta != 1.0:
-        mixed = beta * mixed + (1.0 - beta) * torch.bmm(alpha, x_hist.to(alpha.dtype))
-    return mixed.squeeze(1)
+    def push(self, slot: int, z: Tensor, fz: Tensor, gap: Tensor | None, count: int) -> None:
+        """Store (z, f(z)) in ``slot``; ``gap`` is f(z) - z when already computed in work dtype."""
+        rows = z.shape[0]
+        self.x[:, slot] = z.reshape(rows, -1)
+        self.f[:, slot] = fz.reshape(rows, -1)
+        if gap is None:
+            gap = fz.reshape(rows, -1).to(self.work) - z.reshape(rows, -1).to(self.work)
+        self.g[:, slot] = gap.reshape(rows, -1)
+        row = torch.bmm(self.g[:, :count], self.g[:, slot, :, None]).squeeze(2)  # (A, count)
+        self.gram[:, slot, :count] = row
+        self.gram[:, :count, slot] = row
+
+    def select(self, keep: Tensor) -> None:
+        self.x, self.f, self.g = self.x[keep], self.f[keep], self.g[keep]
+        self.gram, self.ones = self.gram[keep], self.ones[: keep.shape[0]]
+
+    def mix(self, count: int, newest: int, lam: float, beta: float) -> Tensor:
+        """Next iterate (A, D) of type-II Anderson over the first ``count`` entries.
+
+        The weights minimise ||sum_i alpha_i g_i||^2 + lam' ||alpha||^2 subject to
+        sum_i alpha_i = 1: alpha = y / sum(y) with (G G^T + lam' I) y = 1, the same solution as
+        the bordered system ``[[0, 1^T], [1, G G^T + lam' I]] [nu; alpha] = [1; 0]``, with
+        lam' = lam x the mean diagonal of G G^T. A row whose system is singular or gives
+        non-finite weights takes a plain step (weight 1 on the newest entry).
+        """
+        gram = self.gram[:, :count, :count]
+        scale = gram.diagonal(dim1=1, dim2=2).mean(-1)  # (A,) mean ||g_i||^2
+        system = gram + (lam * scale)[:, None, None] * self.eye[:count, :count]
+        y, info = torch.linalg.solve_ex(system, self.ones[:, :count])
+        y = y.squeeze(2)  # (A, count)
+        total = y.sum(1, keepdim=True)
+        ok = (info == 0)[:, None] & torch.isfinite(total)
+        alpha = torch.where(ok, y / total, self.eye[newest, :count])[:, None]  # (A, 1, count)
+        f_hist = self.f[:, :count]
+        mixed = torch.bmm(alpha, f_hist if f_hist.dtype == self.work else f_hist.to(self.work))
+        if beta != 1.0:
+            x_hist = self.x[:, :count].to(self.work)
+            mixed = beta * mixed + (1.0 - beta) * torch.bmm(alpha, x_hist)
+        return mixed.squeeze(1)
 
 
 def anderson(
@@ -115,28 +143,29 @@ def anderson(
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
         raise ValueError(f"lam must be a number >= 0, got {lam!r}")
     z = problem.z0
-    shape = z.shape[1:]
-    x_hist = z.new_empty(z.shape[0], m, shape.numel())  # (A, m, D)
-    f_hist = torch.empty_like(x_hist)
+    shape, dtype = z.shape[1:], z.dtype
+    history = _AndersonHistory(z, m)
+    reuse_gap = _compute_dtype(dtype) == dtype  # the bookkeeping's f(z) - z is exact enough
     k = 0
     while not problem.done:
         fz = problem.evaluate(z)
         keep = problem.observe(z, fz)
         if problem.done:
             break
-        slot = k % m
-        x_hist[:, slot] = z.reshape(z.shape[0], -1)
-        f_hist[:, slot] = fz.reshape(z.shape[0], -1)
+        slot, count = k % m, min(k + 1, m)
+        gap = problem.gap if reuse_gap else None
         if keep is not None:
-            x_hist, f_hist, z, fz = x_hist[keep], f_hist[keep], z[keep], fz[keep]
+            z, fz = z[keep], fz[keep]
+            gap = None if gap is None else gap[keep]
+            history.select(keep)
         k += 1
-        count = min(k, m)
-        if count == 1:
-            z = fz if beta == 1.0 else torch.lerp(z, fz, beta)
-            continue
         with _no_autocast(z.device):
-            z = _anderson_mix(x_hist[:, :count], f_hist[:, :count], lam, slot, beta)
-        z = z.reshape(-1, *shape).to(problem.z0.dtype)  # (A, ...)
+            history.push(slot, z, fz, gap, count)
+            if count == 1:
+                z = fz if beta == 1.0 else torch.lerp(z, fz, beta)
+                continue
+            z = history.mix(count, slot, lam, beta)
+        z = z.reshape(-1, *shape).to(dtype)  # (A, ...)
     return problem.finish()
 
 

@@ -7,6 +7,7 @@ measurement helpers measure what they claim, and that bad input gives a clear er
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from common.registry import Registry
+from experiments.bench import solvers as solver_bench
 from experiments.bench import suite as bench
 from experiments.bench.core import (
     BenchConfig,
@@ -169,3 +171,43 @@ def test_quick_decode_rows_include_the_wider_model_and_every_comparison(tmp_path
     narrow = rows["PLT parallel decode time/token: R=2 / R=1"]
     assert narrow["config"]["d_model"] == 64 and narrow["target"] == "<= 1.3"
     assert all(row["median"] > 0 for row in rows.values())
+
+
+def _small_layer(stop_mode: str) -> solver_bench.Problem:
+    problem = solver_bench.layer_problem(torch.device("cpu"), seed=3, batch=6, dim=16)
+    problem.stop_mode = stop_mode
+    return problem
+
+
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+def test_solver_calibration_meets_the_true_tolerance_for_both_libraries(stop_mode):
+    problem = _small_layer(stop_mode)
+    for runner, native in ((functools.partial(solver_bench.ours, "anderson"), True),
+                           (functools.partial(solver_bench.theirs, "fixed_point_iter"), False)):
+        entry = solver_bench.calibrate(runner, problem, native)
+        assert entry["converged"] and entry["tol factor"] is not None
+        # the returned z, re-run at the calibrated tolerance, meets the true tolerance
+        f = problem.f if native else problem.plain
+        z = runner(problem, f, tol=problem.tol * entry["tol factor"])()
+        assert float(problem.residual(z).max()) <= problem.tol * (1 + 1e-3)
+        assert entry["evaluations"] >= 1
+
+
+def test_solver_calibration_marks_an_unreachable_tolerance():
+    problem = _small_layer("rel")
+
+    def two_steps(problem, f, *, tol):  # ignores tol: always stops after 2 steps
+        return solver_bench.ours("fixed_point_iter", problem, f, tol=1e-30, max_iter=2)
+
+    entry = solver_bench.calibrate(two_steps, problem, True)
+    assert not entry["converged"] and entry["tol factor"] is None
+    assert entry["achieved"] > problem.tol
+    assert entry["evaluations"] == 2
+
+
+def test_true_residual_is_relative_to_the_image():
+    problem = _small_layer("rel")
+    z = torch.randn_like(problem.inject)
+    fz = problem.plain(z).double()
+    expected = (fz - z.double()).norm(dim=1) / fz.norm(dim=1)
+    torch.testing.assert_close(problem.residual(z), expected)

@@ -282,3 +282,28 @@ def test_solvers_run_inside_bf16_autocast(name: str) -> None:
         sol = solve(f, torch.zeros(6, 12), solver=name, tol=1e-2, max_iter=100)
     assert sol.z.dtype == torch.float32 and sol.converged.all()
     assert rms_residual(f, sol.z).max() < 5e-2
+
+
+@pytest.mark.parametrize("record", [False, True])
+def test_blow_up_found_between_checks_freezes_the_row_at_the_crossing_iterate(record) -> None:
+    # f(z) = a z + b per row: row 1 grows (a = 3), so its residual b 3^k crosses
+    # diverge_factor (1e6) x its first residual b at k = 13, i.e. on its 14th evaluation, which
+    # lies inside a blow-up check window (checks run every few iterations, not every one).
+    a = torch.tensor([0.9, 3.0, 0.5, 0.99], dtype=torch.float64)[:, None]
+    b = torch.tensor([1.0, 0.25, -2.0, 0.5], dtype=torch.float64)[:, None]
+    z0 = torch.zeros(4, 3, dtype=torch.float64)
+    sol = solve(lambda z, a, b: a * z + b, z0, inputs=(a, b), solver="fixed_point_iter",
+                tol=1e-14, max_iter=40, stop_mode="abs", record=record)
+    crossing = next(k for k in range(40) if 3.0 ** k > 1e6)  # 13: iterate z_13
+    assert sol.status_names == ["max_iter", "diverged", "max_iter", "max_iter"]
+    assert int(sol.steps[1]) == crossing + 1
+    expected = 0.25 * (3.0 ** crossing - 1) / 2  # z_k of z <- 3 z + 0.25 from 0
+    torch.testing.assert_close(sol.z[1], torch.full((3,), expected, dtype=torch.float64))
+    assert torch.isfinite(sol.residuals[1, : crossing + 1]).all()
+    assert torch.isnan(sol.residuals[1, crossing + 1:]).all()
+    torch.testing.assert_close(sol.residuals[1, crossing], torch.tensor(
+        0.25 * 3.0 ** crossing, dtype=torch.float64))
+    assert torch.equal(sol.steps[[0, 2, 3]], torch.full((3,), 40))
+    if record:
+        assert torch.equal(sol.states[crossing:, 1], sol.z[1].expand(40 - crossing, 3))
+        assert not torch.equal(sol.states[crossing - 1, 1], sol.z[1])
