@@ -188,7 +188,11 @@ def angular_speed(x: Tensor) -> Tensor:
 def growth_verdict(growth: Tensor) -> tuple[Tensor, Tensor]:
     """From (N, B) per-step log growths: (B,) code (1 chaotic, 0 neutral, -1 contracting,
     2 undecidable) and the exponent per step over the last three quarters."""
-    late = growth[growth.shape[0] // 4:].nan_to_num(0.0, 0.0, -1e3)  # -inf: annihilated tangent
+    late = growth[growth.shape[0] // 4:]
+    # +inf / NaN: the orbit from the final state overflowed (a noisy final state off the
+    # attractor escapes, e.g. logistic r = 4 past x = 1): no evidence either way
+    escaped = (torch.isnan(late) | (late == math.inf)).any(0)
+    late = late.nan_to_num(0.0, 0.0, -1e3)  # -inf: annihilated tangent
     total = late.sum(0)
     blocks = max(2, min(16, late.shape[0] // 8))
     length = late.shape[0] // blocks
@@ -199,4 +203,5 @@ def growth_verdict(growth: Tensor) -> tuple[Tensor, Tensor]:
     code[(total.abs() <= GROWTH_NATS) & (2 * error <= GROWTH_NATS)] = 0
     code[total > margin] = 1
     code[total < -margin] = -1
-    return code, late.mean(0)
+    code[escaped] = 2
+    return code, torch.where(escaped, torch.full_like(total, math.inf), late.mean(0))

@@ -71,14 +71,15 @@ _UNDECIDED = -1
 REASONS = (
     "",
     "too short for a trend: a growing or shrinking residual envelope needs 8 windows of >= 2 "
-    "steps in the last half (K >= 34)",
+    "steps in the last half (K >= 33)",
     "too short to rule out a cycle: every period up to p_max needs 3 repeats in the window "
     "(K >= 3 p_max); record more steps or pass a smaller p_max",
     "the centroid moves, but uniform motion is not resolved from a slow contraction (the "
     "deceleration ratio's error exceeds 1% at the measured noise)",
     "the residuals grow but their growth decelerates (polynomial, like a non-normal transient "
     "of a contraction): pass f to decide",
-    "tangent growth neither clearly exponential nor bounded (its error exceeds 4 nats)",
+    "tangent growth neither clearly exponential nor bounded (its error exceeds 4 nats), or the "
+    "orbit from the final state overflowed (a noisy final state escaped the attractor)",
     "the states grow while the map's Jacobian reliably contracts (rho + error < 1)",
     "settled exactly on a fixed point whose Jacobian expands (rho - error > 1): rounding put it "
     "there, it is no attractor",
@@ -412,9 +413,9 @@ def _envelope_trend(step: Tensor, factor: float) -> tuple[Tensor, Tensor, Tensor
     The envelope is the largest residual in each of 8 equal windows; it grows when it rises
     from every window to the next and by more than ``factor`` overall (a monotone run of 8 happens
     by chance with probability 1/8! = 2.5e-5 in a bounded chaotic orbit). Windows hold >= 2 steps
-    (the max of one alternating step is no envelope), so a trend needs K >= 34; shorter
+    (the max of one alternating step is no envelope), so a trend needs K >= 33; shorter
     trajectories get neither (``short``). Growth decelerates when the log-envelope rose in the last
-    three windows by less than half what it rose in the first three: exponential divergence rises
+    three windows by less than 0.8 of what it rose in the first three: exponential divergence rises
     steadily, the transient k^(s-1) rho^k of a size-s Jordan block (rho < 1) slows down.
     """
     tail = step.shape[0] // 2
@@ -432,7 +433,7 @@ def _envelope_trend(step: Tensor, factor: float) -> tuple[Tensor, Tensor, Tensor
     shrinking = falling & (envelope[-1] * factor < envelope[0])
     log_env = envelope.clamp_min(torch.finfo(step.dtype).tiny).log()
     early, late = log_env[3] - log_env[0], log_env[-1] - log_env[-4]
-    polynomial = growing & (late < 0.5 * early)
+    polynomial = growing & (late < 0.8 * early)
     return growing, shrinking, polynomial, torch.zeros_like(growing)
 
 
