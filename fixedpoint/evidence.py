@@ -94,6 +94,7 @@ def noisy_periods(recent: Tensor, rows: Tensor, motion: Tensor, floor: Tensor, p
             continue
         vec = window[p:, idx] - window[:-p, idx]  # (W-p, c, M)
         ok = _noise_like(_mean_cosine(vec[:-p], vec[p:]))
+        ok &= ~period_doubles(window[:, idx], p, floor[rows[idx]])
         found[idx[ok]] = p
     return found
 
@@ -109,17 +110,71 @@ def settled_in_noise(x: Tensor, scale: Tensor, floor: Tensor) -> Tensor:
     return _noise_like(_mean_cosine(steps[:-1], steps[1:])) & quiet & (noise <= NOISE_SHARE * scale)
 
 
-def decelerating(x: Tensor, rows: Tensor) -> Tensor:
-    """(r,) bool for ``rows``: over the last half, the motion along the drift closes in."""
+def drift_verdict(x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """(r,) bools ``slowing``, ``uniform`` for ``rows`` whose centroid moves (rule 6).
+
+    Over the last half, split in three equal windows with centroids a, b, c, the positions
+    projected on the drift direction (their least-squares trend) close in geometrically for a
+    slow contraction (``(c - b) / (b - a) = q^L`` with L the window length) and keep their
+    spacing for a translation (ratio 1). The ratio is only believed to its standard error: that
+    of the window means, from the projected positions' deviation from a quadratic fit (white
+    noise, or an orbit that is no line at all), propagated through the ratio, plus a rounding
+    floor. ``slowing``: the ratio is in (0, 1) by more than 3 errors; ``uniform``: it is within
+    2% of 1 (plus 3 errors: a real drift need not be exactly uniform) and 3 errors resolve 1%
+    (so a 0.9999 contraction under noise is neither, and stays undetermined).
+    """
     tail = x[x.shape[0] - x.shape[0] // 2:][:, rows]  # (T, r, M)
     third = tail.shape[0] // 3
+    if rows.numel() == 0 or third < 2:
+        none = torch.zeros(rows.numel(), dtype=torch.bool, device=x.device)
+        return none, none
+    tail = tail[: 3 * third]
     a, b, c = (tail[i * third:(i + 1) * third].mean(0) for i in range(3))
-    direction = c - a
+    tiny = torch.finfo(x.dtype).tiny
+    # the least-squares trend of the positions: rotation about the drift averages out of it far
+    # better than out of window centroids
+    t = torch.linspace(-1, 1, tail.shape[0], dtype=x.dtype, device=x.device)
+    direction = torch.einsum("t,trm->rm", t, tail - tail.mean(0))
     direction = direction / torch.linalg.vector_norm(direction, dim=-1, keepdim=True).clamp_min(
-        torch.finfo(x.dtype).tiny)
-    sa, sb, sc = ((w * direction).sum(-1) for w in (a, b, c))
-    ratio = (sc - sb) / (sb - sa).clamp_min(torch.finfo(x.dtype).tiny)
-    return (ratio > 0) & (ratio < 0.98)
+        tiny)
+    s = (tail * direction).sum(-1)  # (T, r) positions along the drift
+    sa, sb, sc = (s[i * third:(i + 1) * third].mean(0) for i in range(3))
+    basis = torch.stack([torch.ones_like(t), t, t * t], 1)  # (T, 3)
+    coeff = torch.linalg.lstsq(basis, s).solution  # (3, r)
+    # Error of a window mean from the means of the fit's residuals over 6 half windows (3 of
+    # their 6 degrees of freedom are the fit's): white noise gives sigma / sqrt(L), a rotation
+    # about the drift averages out of it, an orbit that is no smooth line does not.
+    length = max(1, third // 2)
+    blocks = (s - basis @ coeff)[: 6 * length].reshape(-1, length, s.shape[1]).mean(1)
+    window_error = (blocks.square().mean(0) * 2 * length / max(1, third)).sqrt()
+    rounding = 4 * torch.finfo(x.dtype).eps * s.abs().amax(0)
+    first = sb - sa
+    ratio = (sc - sb) / first.abs().clamp_min(tiny) * first.sign()
+    error = (window_error + rounding) * torch.sqrt(
+        1 + (1 + ratio).square() + ratio.square()) / first.abs().clamp_min(tiny)
+    slowing = (ratio > 0) & (ratio < 1 - 3 * error)
+    uniform = ((ratio - 1).abs() <= 0.02 + 3 * error) & (3 * error <= 0.01)
+    return slowing, uniform
+
+
+def decelerating(x: Tensor, rows: Tensor) -> Tensor:
+    """(r,) bool for ``rows``: over the last half, the motion along the drift closes in."""
+    return drift_verdict(x, rows)[0]
+
+
+def period_doubles(window: Tensor, p: int, floor: Tensor) -> Tensor:
+    """(c,) bool for (W, c, M) states whose lag-p returns look like noise: the lag-2p returns are
+    clearly smaller, i.e. the lag-p returns carry a deterministic part ``d_{k+p} = -d_k`` (a 2p
+    cycle whose halves are close, e.g. logistic r = 3.55 just past its 4 -> 8 doubling).
+
+    For white noise of size sigma both lags have mean squared return 2 M sigma^2 (their ratio is
+    1 to within sqrt(2 / (W M)), a few %); a deterministic part d adds |d|^2 to lag p only.
+    """
+    if window.shape[0] < 4 * p:
+        return torch.zeros(window.shape[1], dtype=torch.bool, device=window.device)
+    at_p = distances(window[p:], window[:-p]).square().mean(0)
+    at_2p = distances(window[2 * p:], window[:-2 * p]).square().mean(0)
+    return at_2p + floor.square() < 0.8 * at_p
 
 
 def angular_speed(x: Tensor) -> Tensor:
@@ -133,7 +188,11 @@ def angular_speed(x: Tensor) -> Tensor:
 def growth_verdict(growth: Tensor) -> tuple[Tensor, Tensor]:
     """From (N, B) per-step log growths: (B,) code (1 chaotic, 0 neutral, -1 contracting,
     2 undecidable) and the exponent per step over the last three quarters."""
-    late = growth[growth.shape[0] // 4:].nan_to_num(0.0, 0.0, -1e3)  # -inf: annihilated tangent
+    late = growth[growth.shape[0] // 4:]
+    # +inf / NaN: the orbit from the final state overflowed (a noisy final state off the
+    # attractor escapes, e.g. logistic r = 4 past x = 1): no evidence either way
+    escaped = (torch.isnan(late) | (late == math.inf)).any(0)
+    late = late.nan_to_num(0.0, 0.0, -1e3)  # -inf: annihilated tangent
     total = late.sum(0)
     blocks = max(2, min(16, late.shape[0] // 8))
     length = late.shape[0] // blocks
@@ -144,4 +203,5 @@ def growth_verdict(growth: Tensor) -> tuple[Tensor, Tensor]:
     code[(total.abs() <= GROWTH_NATS) & (2 * error <= GROWTH_NATS)] = 0
     code[total > margin] = 1
     code[total < -margin] = -1
-    return code, late.mean(0)
+    code[escaped] = 2
+    return code, torch.where(escaped, torch.full_like(total, math.inf), late.mean(0))

@@ -67,6 +67,28 @@ LABELS = (
 _INDEX = {name: i for i, name in enumerate(LABELS)}
 _UNDECIDED = -1
 
+# Why a sample is ``undetermined`` (index 0: it is not). Each names what the label would need.
+REASONS = (
+    "",
+    "too short for a trend: a growing or shrinking residual envelope needs 8 windows of >= 2 "
+    "steps in the last half (K >= 33)",
+    "too short to rule out a cycle: every period up to p_max needs 3 repeats in the window "
+    "(K >= 3 p_max); record more steps or pass a smaller p_max",
+    "the centroid moves, but uniform motion is not resolved from a slow contraction (the "
+    "deceleration ratio's error exceeds 1% at the measured noise)",
+    "the residuals grow but their growth decelerates (polynomial, like a non-normal transient "
+    "of a contraction): pass f to decide",
+    "tangent growth neither clearly exponential nor bounded (its error exceeds 4 nats), or the "
+    "orbit from the final state overflowed (a noisy final state escaped the attractor)",
+    "the states grow while the map's Jacobian reliably contracts (rho + error < 1)",
+    "settled exactly on a fixed point whose Jacobian expands (rho - error > 1): rounding put it "
+    "there, it is no attractor",
+)
+_SHORT_TREND, _SHORT_PERIOD, _DRIFT, _POLYNOMIAL, _GROWTH, _GROW_CONTRACT, _UNSTABLE = range(1, 8)
+_ENVELOPE_WINDOWS, _ENVELOPE_LENGTH = 8, 2  # a monotone run of 8 happens by chance w.p. 1/8!
+_REPEATS = 3  # a period p is believed after 3 repeats of it (2 returns of every state)
+_SETTLED = 4  # converged: at least this many final states within tol
+
 # (tol, period_tol) per dtype, relative to the trajectory's scale.
 _DEFAULT_TOLS = {
     torch.float64: (1e-6, 1e-4),
@@ -89,6 +111,8 @@ class Verdicts:
             multiplier of the cycle for periodic samples); NaN without ``f``.
         lyapunov: (n,) finite-time largest Lyapunov exponent from the final state; NaN without f.
         shape: batch shape: ``(B,)``, or ``(B, T)`` with ``per_token=True``.
+        reason: (n,) numpy array of str: why an ``undetermined`` sample could not be decided
+            (what the label would need, ``REASONS``); ``""`` for every other label.
     """
 
     label: np.ndarray
@@ -98,6 +122,11 @@ class Verdicts:
     spectral_radius: Tensor
     lyapunov: Tensor
     shape: tuple[int, ...]
+    reason: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.reason is None:
+            self.reason = np.full(len(self.label), "", dtype=object)
 
     def __len__(self) -> int:
         return len(self.label)
@@ -191,55 +220,78 @@ def classify(
         raise ValueError(f"lyapunov_max_steps must be an int >= lyapunov_steps "
                          f"({lyapunov_steps}), got {lyapunov_max_steps!r}")
     eps = torch.finfo(states.dtype).eps
-    label, period, rate, residual, noisy = _label_trajectories(
+    label, period, rate, residual, noisy, why = _label_trajectories(
         x, tol, period_tol, p_max, eps, envelope_factor
     )
     n = x.shape[1]
     rho = torch.full((n,), math.nan, device=x.device)
     lyap = torch.full((n,), math.nan, device=x.device)
     if f is not None:
-        steps = _tangent_steps(x, label, noisy, lyapunov_steps, lyapunov_max_steps)
         evidence_ = _map_quantities(f, inputs, states, period, shape, p_max, spectral_iters,
-                                    steps, method)
-        label, rho, lyap = _weigh_map(label, noisy, evidence_)
+                                    method, x, label, noisy, lyapunov_steps, lyapunov_max_steps)
+        label, rho, lyap, why = _weigh_map(label, noisy, why, evidence_, x.shape[0])
+    why = torch.where(label == _INDEX["undetermined"], why, torch.zeros_like(why))
     names = np.asarray(LABELS)[label.cpu().numpy()]
-    return Verdicts(names, period, rate, residual, rho, lyap, shape)
+    reasons = np.asarray(REASONS, dtype=object)[why.cpu().numpy()]
+    return Verdicts(names, period, rate, residual, rho, lyap, shape, reasons)
 
 
-def _tangent_steps(x: Tensor, label: Tensor, noisy: Tensor, low: int, high: int) -> int:
-    """Tangent steps for the Lyapunov evidence: enough orbit turns for the undecided samples."""
-    need = (label == _INDEX["aperiodic"]) | noisy
+def _tangent_steps(x: Tensor, label: Tensor, noisy: Tensor, affine: Tensor, low: int,
+                   high: int) -> int:
+    """Tangent steps for the Lyapunov evidence: enough orbit turns for the samples the map's
+    growth may decide (aperiodic, noisy cycles, and the moving or undetermined samples of a
+    non-affine map: a slow chaotic flow seen for a fraction of a turn looks like a drift, a
+    convergence or nothing)."""
+    moving = torch.zeros_like(noisy)
+    for name in ("drifting", "converging", "undetermined", "diverging"):
+        moving |= label == _INDEX[name]
+    need = (label == _INDEX["aperiodic"]) | noisy | (moving & ~affine)
     if not bool(need.any()):
         return low
     omega = evidence.angular_speed(x[:, need]).clamp_min(1e-6)
     return int(min(high, max(low, math.ceil(float((96 / omega).max())))))
 
 
-def _weigh_map(label: Tensor, noisy: Tensor, ev: dict[str, Tensor]) -> tuple[Tensor, ...]:
+def _weigh_map(label: Tensor, noisy: Tensor, why: Tensor, ev: dict[str, Tensor], k: int,
+               ) -> tuple[Tensor, ...]:
     """Combine the trajectory's labels with the map's evidence (see the module docstring)."""
     rho, error, lyap, code = ev["rho"], ev["rho_error"], ev["lyapunov"], ev["growth"]
+    undetermined = label == _INDEX["undetermined"]
     # An affine map's fate is its spectral radius, whatever its transient growth looked like
-    # (a Jordan block's norm grows ~1e7x before it decays).
-    moving = (label == _INDEX["diverging"]) | (label == _INDEX["drifting"])
+    # (a Jordan block's norm grows ~1e7x before it decays), and whatever the data were too short
+    # to show.
+    moving = (label == _INDEX["diverging"]) | (label == _INDEX["drifting"]) | undetermined
     affine = ev["affine"] & moving
-    # a bounded but unsettled orbit of a contracting affine map is a transient too
+    # a bounded but unsettled orbit of a contracting affine map is a transient too; the
+    # contraction must show within the K observed steps (a rotation rounded to |lambda| = 1 - 4e-8
+    # is no convergence)
     settling = ev["affine"] & (moving | (label == _INDEX["aperiodic"]))
-    label = torch.where(settling & (rho + error < 1), _INDEX["converging"], label)
+    visible = (1 - rho - error) * k > 1e-3
+    label = torch.where(settling & visible, _INDEX["converging"], label)
     label = torch.where(affine & (rho - error > 1), _INDEX["diverging"], label)
     lyap = torch.where(ev["affine"], rho.clamp_min(1e-300).log(), lyap)
     aperiodic = label == _INDEX["aperiodic"]
     label = torch.where(aperiodic & (code == 1), _INDEX["chaotic"], label)
     label = torch.where(aperiodic & (code == 0), _INDEX["quasi_periodic"], label)
     label = torch.where(aperiodic & (code == 2), _INDEX["undetermined"], label)
+    why = torch.where(aperiodic & (code == 2), _GROWTH, why)
     label = torch.where(noisy & (code == 1), _INDEX["chaotic"], label)  # band chaos, not a cycle
-    # a slow chaotic flow seen for a few turns can look like a drift; exponential separation
-    # is the stronger evidence
-    label = torch.where((label == _INDEX["drifting"]) & (code == 1), _INDEX["chaotic"], label)
+    # Exponential separation along the orbit is stronger evidence than a slow chaotic flow seen
+    # for a fraction of a turn, which can look like a drift, a convergence or nothing decidable.
+    # Only for non-affine maps: an affine map's tangent growth is its spectral radius, above.
+    unsure = (label == _INDEX["drifting"]) | (label == _INDEX["undetermined"])
+    unsure |= (label == _INDEX["converging"]) & ~ev["affine"]
+    label = torch.where(unsure & (code == 1) & ~settling, _INDEX["chaotic"], label)
     # Growth of the states under a Jacobian that contracts reliably, on a non-affine map: the
     # data support neither verdict.
     growing = (label == _INDEX["diverging"]) & ~ev["affine"] & (rho + error < 1)
     label = torch.where(growing, _INDEX["undetermined"], label)
-    return label, rho, lyap
+    why = torch.where(growing, _GROW_CONTRACT, why)
+    # Settled on a fixed point that repels (logistic r = 4 in float32 rounds onto 0).
+    unstable = (label == _INDEX["converged"]) & (rho - error > 1)
+    label = torch.where(unstable, _INDEX["undetermined"], label)
+    why = torch.where(unstable, _UNSTABLE, why)
+    return label, rho, lyap, why
 
 
 def _flatten(states: Tensor, per_token: bool) -> tuple[Tensor, tuple[int, ...]]:
@@ -276,9 +328,17 @@ def _tolerances(dtype: torch.dtype, tol: float | None, period_tol: float | None)
 
 def _label_trajectories(
     x: Tensor, tol: float, period_tol: float, p_max: int, eps: float, envelope_factor: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Rules 1-7 on (K, n, M) states: label index (n,), period, rate, relative last residual,
-    and which periods were found only up to the measured noise floor.
+    which periods were found only up to the measured noise floor, and the reason index (n,) of
+    each ``undetermined`` sample (``REASONS``).
+
+    Minimum evidence: each label is only given when the data hold what it needs, else the sample
+    is ``undetermined`` with the reason: ``converged`` >= 4 settled states; a residual trend
+    (``converging`` / ``diverging`` by the envelope) 8 windows of >= 2 steps; ``periodic(p)`` 3
+    repeats of p; ``aperiodic`` every period up to ``p_max`` testable (3 p_max states);
+    ``drifting`` a uniform motion resolved from a deceleration; ``diverging`` by the envelope a
+    growth that does not decelerate (exponential, not a polynomial transient).
 
     Two full passes over the states (steps, distances from the final state); everything after
     works on (K, n) reductions or on the still undecided samples only.
@@ -293,38 +353,52 @@ def _label_trajectories(
     overflow = math.sqrt(torch.finfo(x.dtype).max)
     bad = ~torch.isfinite(step).all(0) | ~torch.isfinite(scale) | (scale > overflow)
     label[bad] = _INDEX["diverging"]
+    why = torch.zeros_like(label)
     # Rounding floor: differences below a few ulps of the final state are noise.
     final_norm = torch.linalg.vector_norm(x[-1], dim=-1).nan_to_num(0.0, 0.0, 0.0)
     floor = 2 * eps * final_norm + torch.finfo(x.dtype).tiny
 
-    settled = from_last[-max(2, k // 8) :].amax(0) <= tol * scale + floor
+    settled = from_last[-max(_SETTLED, k // 8) :].amax(0) <= tol * scale + floor
     settled |= evidence.settled_in_noise(x, scale, floor)  # converged up to measured noise
     _decide(label, settled, "converged")
-    growing, shrinking = _envelope_trend(step, envelope_factor)
-    _decide(label, growing, "diverging")
-    window = min(k, max(k // 4, 3 * p_max))
+    growing, shrinking, polynomial, short = _envelope_trend(step, envelope_factor)
+    _decide(label, growing & ~polynomial, "diverging")
+    _undetermined(label, why, growing & polynomial, _POLYNOMIAL)
+    window = min(k, max(k // 4, _REPEATS * p_max))
     motion = step[-(window - 1) :].mean(0)  # mean step over the window: the orbit's own size
     atol = motion * period_tol + floor
     _find_periods(x[k - window :], from_last[k - window :], label, period, ~shrinking, atol, p_max)
     rows = ((label == _UNDECIDED) & ~shrinking).nonzero().squeeze(1)
     noisy_period = evidence.noisy_periods(x[k - window :], rows, motion, floor,
-                                          min(p_max, window // 3))
+                                          min(p_max, window // _REPEATS))
     noisy = torch.zeros_like(bad)
     noisy[rows[noisy_period > 0]] = True
     period[rows[noisy_period > 0]] = noisy_period[noisy_period > 0]
     label[rows[noisy_period > 0]] = _INDEX["periodic"]
     _decide(label, shrinking, "converging")
+    _undetermined(label, why, short, _SHORT_TREND)  # nothing below decides a short trend
     rows = (label == _UNDECIDED).nonzero().squeeze(1)
     rows = rows[_drifting(x, rows)]
-    slowing = evidence.decelerating(x, rows)  # a slow contraction, not a drift
+    slowing, uniform = evidence.drift_verdict(x, rows)  # a slow contraction, not a drift
     label[rows[slowing]] = _INDEX["converging"]
-    label[rows[~slowing]] = _INDEX["drifting"]
+    label[rows[uniform & ~slowing]] = _INDEX["drifting"]
+    _undetermined(label, why, torch.zeros_like(bad).index_fill_(0, rows, True), _DRIFT)
+    # aperiodic claims no period up to p_max: each must have been testable with 4 repeats
+    if window < _REPEATS * p_max:
+        _undetermined(label, why, torch.ones_like(bad), _SHORT_PERIOD)
     _decide(label, torch.ones_like(bad), "aperiodic")
 
     rate = _contraction_rate(step, floor)
     residual = step[-1] / scale.clamp_min(torch.finfo(x.dtype).tiny)
     residual = torch.where(bad, torch.full_like(residual, math.inf), residual)
-    return label, period, rate, residual, noisy
+    return label, period, rate, residual, noisy, why
+
+
+def _undetermined(label: Tensor, why: Tensor, condition: Tensor, reason: int) -> None:
+    """Mark the still undecided samples where ``condition`` holds ``undetermined`` (in place)."""
+    chosen = (label == _UNDECIDED) & condition
+    label[chosen] = _INDEX["undetermined"]
+    why[chosen] = reason
 
 
 def _decide(label: Tensor, condition: Tensor, name: str) -> None:
@@ -332,23 +406,35 @@ def _decide(label: Tensor, condition: Tensor, name: str) -> None:
     label[(label == _UNDECIDED) & condition] = _INDEX[name]
 
 
-def _envelope_trend(step: Tensor, factor: float) -> tuple[Tensor, Tensor]:
-    """Growing / shrinking residual envelope over the last half: two (n,) bool masks.
+def _envelope_trend(step: Tensor, factor: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Growing / shrinking residual envelope over the last half, four (n,) bool masks: growing,
+    shrinking, growth that decelerates, and too short to tell.
 
-    The envelope is the largest residual in each of up to 8 equal windows; it grows when it rises
-    from every window to the next and by more than ``factor`` overall (monotone over 8 windows
-    almost never happens by chance in a bounded chaotic orbit).
+    The envelope is the largest residual in each of 8 equal windows; it grows when it rises
+    from every window to the next and by more than ``factor`` overall (a monotone run of 8 happens
+    by chance with probability 1/8! = 2.5e-5 in a bounded chaotic orbit). Windows hold >= 2 steps
+    (the max of one alternating step is no envelope), so a trend needs K >= 33; shorter
+    trajectories get neither (``short``). Growth decelerates when the log-envelope rose in the last
+    three windows by less than 0.8 of what it rose in the first three: exponential divergence rises
+    steadily, the transient k^(s-1) rho^k of a size-s Jordan block (rho < 1) slows down.
     """
     tail = step.shape[0] // 2
-    windows = min(8, tail)
-    length = tail // windows
+    length = tail // _ENVELOPE_WINDOWS
+    n = step.shape[1]
+    if length < _ENVELOPE_LENGTH:
+        no = torch.zeros(n, dtype=torch.bool, device=step.device)
+        return no, no, no, torch.ones_like(no)
+    windows = _ENVELOPE_WINDOWS
     recent = step[step.shape[0] - windows * length :]  # (windows*length, n)
     envelope = recent.reshape(windows, length, -1).amax(1)  # (windows, n)
     rising = (envelope[1:] > envelope[:-1]).all(0)
     falling = (envelope[1:] < envelope[:-1]).all(0)
     growing = rising & (envelope[-1] > factor * envelope[0])
     shrinking = falling & (envelope[-1] * factor < envelope[0])
-    return growing, shrinking
+    log_env = envelope.clamp_min(torch.finfo(step.dtype).tiny).log()
+    early, late = log_env[3] - log_env[0], log_env[-1] - log_env[-4]
+    polynomial = growing & (late < 0.8 * early)
+    return growing, shrinking, polynomial, torch.zeros_like(growing)
 
 
 def _find_periods(
@@ -374,7 +460,7 @@ def _find_periods(
     quasi-periodic sample; a batched Gram matrix of the centred window then bounds the rest.
     """
     rows = ((label == _UNDECIDED) & eligible).nonzero().squeeze(1)
-    p_top = min(p_max, recent.shape[0] // 2)
+    p_top = min(p_max, recent.shape[0] // _REPEATS)
     if rows.numel() == 0 or p_top < 2:
         return
     anchor = from_last[:, rows]  # (W, r)
@@ -477,6 +563,11 @@ def _affine_along(g: Callable[[Tensor], Tensor], states: Tensor, method: str) ->
     return same
 
 
+def _per_trajectory(values: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Per-sample (B,) values repeated over the tokens of a per-token verdict: (n,)."""
+    return values.repeat_interleave(shape[1]) if len(shape) == 2 else values
+
+
 def _map_quantities(
     f: Callable[..., Tensor],
     inputs: Any,
@@ -485,8 +576,12 @@ def _map_quantities(
     shape: tuple[int, ...],
     p_max: int,
     spectral_iters: int,
-    lyapunov_steps: int,
     method: str,
+    x: Tensor,
+    label: Tensor,
+    noisy: Tensor,
+    low_steps: int,
+    high_steps: int,
 ) -> dict[str, Tensor]:
     """Spectral radius with error (p-step for period-p samples), Jacobian constancy and tangent
     growth from the final state, per sample (repeated over tokens)."""
@@ -508,6 +603,8 @@ def _map_quantities(
         error = torch.where(chosen, est.error.to(rho), error)
     g = whole_batch(f, batch, inputs)
     affine = _affine_along(g, states, method)
+    lyapunov_steps = _tangent_steps(x, label, noisy, _per_trajectory(affine, shape), low_steps,
+                                    high_steps)
     growth = tangent_growth(f, final, lyapunov_steps, warmup=8, method=method, inputs=inputs)
     code, lyap = evidence.growth_verdict(growth.to(rho))
     out = {"rho": rho, "rho_error": error, "lyapunov": lyap, "growth": code, "affine": affine}
