@@ -4,7 +4,7 @@ Every confident label must be right; ``undetermined`` is accepted where the data
 (each case says why), but never for most samples of a case whose data do decide. Ground truth is
 computed here, independently of classify: periods by iterating the map 5000 steps in float64,
 spectral radii of affine maps from ``torch.linalg.eigvals``, Lyapunov exponents by QR on a full
-tangent frame (``_qr_lyapunov``). Each system runs raw, embedded in 64-D by a random orthogonal
+tangent frame (``qr_lyapunov``). Each system runs raw, embedded in 64-D by a random orthogonal
 map with offset, and with 1e-4 / 1e-3 additive noise on the recorded states; fp32 and fp64.
 """
 
@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from _ground_truth import qr_lyapunov
 
 from fixedpoint import classify
 from fixedpoint.systems import (
@@ -50,19 +51,6 @@ def _true_period(r: float, p_max: int = 16) -> int:
         if (orbit[p:p + 64] - orbit[:64]).abs().max() < 1e-9:
             return p
     return 0
-
-
-def _qr_lyapunov(f, z: torch.Tensor, steps: int) -> float:
-    """Largest exponent per step from a full tangent frame re-orthonormalised by QR every step."""
-    frame = torch.eye(z.shape[1], dtype=torch.float64)
-    total = 0.0
-    for _ in range(steps):
-        jac = torch.autograd.functional.jacobian(lambda s: f(s[None])[0], z[0])
-        z = f(z)
-        q, r = torch.linalg.qr(jac @ frame)
-        frame = q
-        total += math.log(abs(float(r[0, 0])))
-    return total / steps
 
 
 def _states(system: System, variant: str, dtype: torch.dtype, batch: int, steps: int = K):
@@ -155,7 +143,7 @@ CHAOTIC = {
 def test_chaotic_maps_have_a_positive_qr_exponent_and_are_chaotic(name):
     system = CHAOTIC[name]
     states, f = _states(system, "raw", torch.float64, 4)
-    truth = _qr_lyapunov(system.f, states[-1, :1].double(), 600)
+    truth = qr_lyapunov(system.f, states[-1, :1].double(), 600)
     assert truth > 0.1, truth  # independent: these are chaotic
     verdicts = classify(states, f=f)
     assert (verdicts.label == "chaotic").mean() >= 0.75, verdicts.label
@@ -274,7 +262,7 @@ def test_lorenz_at_two_step_sizes(dt):
     system = System(f"lorenz_{dt}", lambda x: _lorenz(x, dt), _lorenz_sample, "", 0, 3,
                     torch.float64)
     states, f = _states(system, "raw", torch.float64, 4)
-    truth = _qr_lyapunov(system.f, states[-1, :1], 1500)
+    truth = qr_lyapunov(system.f, states[-1, :1], 1500)
     assert 0.6 * dt < truth < 1.2 * dt  # ~0.9 per time unit
     for variant in VARIANTS:
         states, f = _states(system, variant, torch.float64, 4)

@@ -7,10 +7,9 @@ and periods checked by iterating in float64.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from _ground_truth import qr_lyapunov
 
 from fixedpoint import LABELS, classify
 from fixedpoint.systems import get_system, jordan_matrix, trajectory
@@ -44,25 +43,11 @@ def test_jordan_transient_growth_is_a_contraction(size, embed):
     assert (verdicts.spectral_radius - truth).abs().max() < 0.03
 
 
-def _qr_lyapunov(f, z: torch.Tensor, steps: int) -> float:
-    """Largest exponent from a full tangent frame re-orthonormalised by QR every step."""
-    dim = z.shape[1]
-    frame = torch.eye(dim, dtype=torch.float64)
-    total = 0.0
-    for _ in range(steps):
-        jac = torch.autograd.functional.jacobian(lambda s: f(s[None])[0], z[0])
-        z = f(z)
-        q, r = torch.linalg.qr(jac @ frame)
-        frame = q
-        total += math.log(abs(float(r[0, 0])))
-    return total / steps
-
-
 @pytest.mark.slow  # ~1400 tangent steps of RK4 and a 1000-step QR ground truth
 def test_lorenz_is_chaotic_relative_to_its_own_time_scale():
     system = get_system("lorenz")
     states = trajectory(system, K, 2, seed=2)
-    truth = _qr_lyapunov(system.f, states[-1, :1], 1000)
+    truth = qr_lyapunov(system.f, states[-1, :1], 1000)
     assert 0.006 < truth < 0.012  # ~0.9 per time unit at dt = 0.01
     verdicts = classify(states, f=system.f)
     assert (verdicts.label == "chaotic").all(), verdicts.label
