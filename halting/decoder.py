@@ -122,6 +122,39 @@ def next_token(logits: Tensor, temperature: float, top_k: int | None,
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def sample_tokens(first: tuple[Tensor, Tensor],
+                  advance: Callable[[Tensor, int], tuple[Tensor, Tensor]], *, max_new: int,
+                  temperature: float, top_k: int | None, generator: torch.Generator | None,
+                  stops: set[int], pad: int, return_logits: bool
+                  ) -> tuple[list[Tensor], list[Tensor], list[Tensor], Tensor]:
+    """The token loop shared by the cached and uncached decoders.
+
+    ``first`` is the (B, V) logits and (B,) depth at each prompt's last position;
+    ``advance(token, step)`` feeds the (B,) tokens chosen at ``step`` and returns the next
+    position's logits and depth. A row that has produced a stop token emits ``pad`` at depth 0.
+
+    Returns:
+        The per-step tokens, depths and (when ``return_logits``) logits, and the stop ids.
+    """
+    logits, depth = first
+    stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=logits.device)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    made: list[Tensor] = []
+    depths: list[Tensor] = []
+    kept: list[Tensor] = []
+    for step in range(max_new):
+        token = torch.where(done, pad, next_token(logits, temperature, top_k, generator))
+        made.append(token)
+        depths.append(torch.where(done, 0, depth))
+        if return_logits:
+            kept.append(logits)
+        done = done | torch.isin(token, stop_ids)
+        if step == max_new - 1 or (stops and bool(done.all())):
+            break
+        logits, depth = advance(token, step)
+    return made, depths, kept, stop_ids
+
+
 def assemble_output(model: nn.Module, batch: int, made: list[Tensor], depths: list[Tensor],
                     kept: list[Tensor], prompt_depth: Tensor, prompt_lengths: Tensor,
                     return_logits: bool, stop_ids: Tensor, *, executed: int, mode: str,
@@ -170,21 +203,10 @@ class Decoder:
         for b, row in enumerate(self.prompts):  # right padding (halting.generate docstring)
             tokens[b, : row.numel()] = row.to(self.device)
         logits, depth, prompt_depth = self.prefill(tokens)
-        stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=self.device)
-        done = torch.zeros(self.batch, dtype=torch.bool, device=self.device)
-        made: list[Tensor] = []
-        depths: list[Tensor] = []
-        kept: list[Tensor] = []
-        for step in range(self.max_new):
-            token = torch.where(done, pad, next_token(logits, temperature, top_k, self.generator))
-            made.append(token)
-            depths.append(torch.where(done, 0, depth))
-            if return_logits:
-                kept.append(logits)
-            done = done | torch.isin(token, stop_ids)
-            if step == self.max_new - 1 or (stops and bool(done.all())):
-                break
-            logits, depth = self.decode(token, step)
+        made, depths, kept, stop_ids = sample_tokens(
+            (logits, depth), self.decode, max_new=self.max_new, temperature=temperature,
+            top_k=top_k, generator=self.generator, stops=stops, pad=pad,
+            return_logits=return_logits)
         return self._output(made, depths, kept, prompt_depth, return_logits, pad, stop_ids)
 
     def _output(self, made: list[Tensor], depths: list[Tensor], kept: list[Tensor],

@@ -91,14 +91,25 @@ def replay_loop(model: nn.Module, ctx: Any, states: Tensor,
     if not isinstance(states, Tensor) or states.dim() != 4 or states.shape[0] < planned + 1:
         raise ValueError(f"states must be (K+1, B, T, D) with K >= {planned} loops, got "
                          f"{tuple(getattr(states, 'shape', ()))}")
-    batch, seq_len = states.shape[1], states.shape[2]
-    state = RunState(batch=batch, seq_len=seq_len, max_loops=max_loops,
-                     min_loops=max(min_loops, controller.min_loops()), granularity=granularity,
-                     device=states.device, training=training)
-    controller.begin(state)
+    state = _begin(controller, states, max_loops, min_loops, granularity, training)
     run = _ReplayRun(states, model, ctx, states[0], controller, state, "frozen", record, None)
     with torch.no_grad():
         run.execute()
+    return _complete(run, controller)
+
+
+def _begin(controller: LoopController, states: Tensor, max_loops: int, min_loops: int,
+           granularity: str, training: bool) -> RunState:
+    """The ``RunState`` of a run over the stored ``states``, after ``controller.begin``."""
+    state = RunState(batch=states.shape[1], seq_len=states.shape[2], max_loops=max_loops,
+                     min_loops=max(min_loops, controller.min_loops()), granularity=granularity,
+                     device=states.device, training=training)
+    controller.begin(state)
+    return state
+
+
+def _complete(run: _Run, controller: LoopController) -> LoopOutput:
+    """The finished run's ``LoopOutput``, as ``run_loop`` completes it."""
     draft = run.draft()
     controller.finish(draft)
     out = draft.complete(controller.name)
@@ -152,17 +163,9 @@ def drive_from_unroll(model: nn.Module, ctx: Any, states: Tensor,
     controller.ensure_bound(model)
     # the solver's steps store their keys / values in the context's cache: in a copy of it
     ctx = replace(ctx, cache=dict(ctx.cache), extras=dict(ctx.extras))
-    batch, seq_len = states.shape[1], states.shape[2]
-    state = RunState(batch=batch, seq_len=seq_len, max_loops=max_loops,
-                     min_loops=max(min_loops, controller.min_loops()), granularity=granularity,
-                     device=states.device, training=training)
-    controller.begin(state)
+    state = _begin(controller, states, max_loops, min_loops, granularity, training)
     run = _StoredLoopZero(states[1], model, ctx, states[0], controller, state, "frozen", record,
                           None)
     with torch.no_grad():
         run.execute_driven()
-    draft = run.draft()
-    controller.finish(draft)
-    out = draft.complete(controller.name)
-    out.flops = run.flops(out.executed)
-    return out
+    return _complete(run, controller)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from halting.base import LoopController
-from halting.decoder import GenerateOutput, assemble_output, next_token
+from halting.decoder import GenerateOutput, assemble_output, sample_tokens
 from halting.loop import run_loop
 
 
@@ -47,33 +47,22 @@ class UncachedDecoder:
         for b, row in enumerate(self.prompts):
             tokens[b, : row.numel()] = row.to(self.device)
         rows = torch.arange(self.batch, device=self.device)
-        stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=self.device)
-        done = torch.zeros(self.batch, dtype=torch.bool, device=self.device)
-        made, depths, kept = [], [], []
-        prompt_depth = None
-        for step in range(self.max_new):
-            width = int(self.lengths.max()) + step
-            logits, depth = self._run(tokens[:, :width])
-            if prompt_depth is None:
-                valid = torch.arange(width, device=self.device) < self.lengths.unsqueeze(1)
-                prompt_depth = torch.where(valid, depth, 0)
-            last = self.lengths - 1 + step
-            step_logits, step_depth = logits[rows, last], depth[rows, last]
-            token = torch.where(done, pad, next_token(step_logits, temperature, top_k,
-                                                      self.generator))
-            made.append(token)
-            depths.append(torch.where(done, 0, step_depth))
-            if return_logits:
-                kept.append(step_logits)
-            done = done | torch.isin(token, stop_ids)
-            if step == self.max_new - 1 or (stops and bool(done.all())):
-                break
-            tokens[rows, last + 1] = token
-        if prompt_depth is None:  # max_new_tokens == 0: the prompt still runs once
-            width = int(self.lengths.max())
-            _, depth = self._run(tokens[:, :width])
-            valid = torch.arange(width, device=self.device) < self.lengths.unsqueeze(1)
-            prompt_depth = torch.where(valid, depth, 0)
+        width = int(self.lengths.max())
+        logits, depth = self._run(tokens[:, :width])  # the prompt runs even for 0 new tokens
+        valid = torch.arange(width, device=self.device) < self.lengths.unsqueeze(1)
+        prompt_depth = torch.where(valid, depth, 0)
+        last = self.lengths - 1
+
+        def advance(token: Tensor, step: int) -> tuple[Tensor, Tensor]:
+            at = last + step + 1
+            tokens[rows, at] = token
+            logits, depth = self._run(tokens[:, :width + step + 1])
+            return logits[rows, at], depth[rows, at]
+
+        made, depths, kept, stop_ids = sample_tokens(
+            (logits[rows, last], depth[rows, last]), advance, max_new=self.max_new,
+            temperature=temperature, top_k=top_k, generator=self.generator, stops=stops,
+            pad=pad, return_logits=return_logits)
         return self._output(made, depths, kept, prompt_depth, return_logits, stop_ids)
 
     def _output(self, made: list[Tensor], depths: list[Tensor], kept: list[Tensor],
