@@ -56,6 +56,16 @@ from halting.uncached import UncachedDecoder
 DECODE_MODES = ("auto", "parallel", "sequential")
 
 
+
+def token_refusal(controller: LoopController) -> str:
+    """Why ``controller`` cannot decide each new token's depth in ``generate`` ('' if it can)."""
+    if "token" not in controller.granularities:
+        return (f"controller {controller.name!r} decides per {'/'.join(controller.granularities)}"
+                ", not per token")
+    if controller.capabilities.drives_loop:
+        return f"controller {controller.name!r} drives the loop itself (no per-token exits)"
+    return ""
+
 def generate(model: nn.Module, prompt_tokens: Tensor | Sequence[Sequence[int] | Tensor],
              controller: LoopController | str | dict = "fixed", *, max_new_tokens: int,
              max_loops: int, temperature: float = 0.0, top_k: int | None = None,
@@ -164,7 +174,7 @@ def _validate(model: Any, prompts: list[Tensor], controller: LoopController, max
     if generator is not None and torch.device(generator.device).type != model.device.type:
         raise ValueError(f"generator is on {generator.device} but the model is on "
                          f"{model.device}; make it with torch.Generator(device=...)")
-    if "token" not in controller.granularities or controller.capabilities.drives_loop:
+    if token_refusal(controller):
         raise ValueError(f"controller {controller.name!r} cannot decide per token (supports "
                          f"{controller.granularities}); use fixed, convergence, act, pondernet, "
                          "ouro_gate or halt_token")

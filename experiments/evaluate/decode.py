@@ -1,8 +1,8 @@
 """Decode latency of every trained model: what a loop count costs when the model generates text.
 
 ``decode_rows`` times greedy, KV-cached ``halting.generate`` on each trained model at its trained
-loop count with the ``fixed`` controller (``mode="auto"``: PLT decodes its loops in one batched
-forward) and each learned model under its own controller ("Rows" below), on
+loop count with the ``fixed`` controller and each learned model under its own controller
+("Rows" below), on
 ``eval.decode_batch`` prompts drawn from the ``val`` split; ``write_decode`` writes
 them as ``decode.json`` beside ``results.parquet``, and ``report.md`` sets ms/token next to
 FLOPs/token.
@@ -73,6 +73,7 @@ def decode_rows(trained: list[Any], task: Any, eval_cfg: dict[str, Any], seed: i
         "Rows"), and each model or controller that was not decoded with the reason.
     """
     from experiments.bench.core import BenchConfig, alternate
+    from halting.generate import token_refusal
 
     wanted, batch = int(eval_cfg["decode_tokens"]), int(eval_cfg["decode_batch"])
     skipped = [{"run": t.plan.run_id, "arch": t.plan.arch,
@@ -96,7 +97,7 @@ def decode_rows(trained: list[Any], task: Any, eval_cfg: dict[str, Any], seed: i
         cases[t.plan.run_id] = (t, "fixed", "auto")
         if t.plan.objective == "fixed":
             continue
-        reason = _token_decision(t.controller)
+        reason = token_refusal(t.controller)
         if reason:
             skipped.append({"run": t.plan.run_id, "arch": t.plan.arch,
                             "controller": t.plan.objective, "reason": reason})
@@ -167,16 +168,6 @@ def _length(row: torch.Tensor, pad_id: int) -> int:
 def _max_seq_len(model: Any, task: Any) -> int:
     config = getattr(model, "config", None)
     return int(getattr(config, "max_seq_len", None) or task.seq_len)
-
-
-def _token_decision(controller: Any) -> str:
-    """Why ``controller`` cannot decide each new token's depth in ``generate`` ('' if it can)."""
-    if "token" not in controller.granularities:
-        return (f"controller {controller.name!r} decides per {'/'.join(controller.granularities)}"
-                ", not per token")
-    if controller.capabilities.drives_loop:
-        return f"controller {controller.name!r} drives the loop itself (no per-token exits)"
-    return ""
 
 
 def _call(bench: Any, trained: Any, prompts: list[torch.Tensor], new: int, which: str,
