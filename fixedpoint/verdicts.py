@@ -383,7 +383,7 @@ def _label_trajectories(
     label[rows[slowing]] = _INDEX["converging"]
     label[rows[uniform & ~slowing]] = _INDEX["drifting"]
     _undetermined(label, why, torch.zeros_like(bad).index_fill_(0, rows, True), _DRIFT)
-    # aperiodic claims no period up to p_max: each must have been testable with 4 repeats
+    # aperiodic claims no period up to p_max: each must have been testable with _REPEATS (3) repeats
     if window < _REPEATS * p_max:
         _undetermined(label, why, torch.ones_like(bad), _SHORT_PERIOD)
     _decide(label, torch.ones_like(bad), "aperiodic")
