@@ -105,6 +105,23 @@ class RowMap:
                 return out
         return self._through_whole_batch(z, rows)
 
+    def bind(self, rows: Tensor) -> Callable[[Tensor], Tensor] | None:
+        """``f`` on exactly the rows ``rows`` as a one-argument map, for a loop that evaluates
+        the same active set many times (``Problem.run_plain``); ``None`` where the general
+        ``__call__`` must decide (the ``rows`` form, or a plain f on a subset of the batch)."""
+        if self.inputs:
+            f = self.f
+            args = self.inputs if rows.shape[0] == self.batch else self._slice(rows)
+            return lambda z: f(z, *args)
+        if self.rows_form or rows.shape[0] != self.batch:
+            return None
+        return self.f
+
+    def settle(self, z: Tensor) -> None:
+        """After a bound loop over the whole batch of a plain f: ``z`` is every row's state."""
+        if not self.inputs and not self.rows_form and z.shape[0] == self.batch:
+            self._full = z
+
     def _try_subset(self, z: Tensor) -> Tensor | None:
         """``f(z)`` on a subset; ``None`` when f cannot run on fewer rows than the batch."""
         try:

@@ -23,17 +23,17 @@ Divergence: a sample whose residual is not finite (NaN/Inf in ``f(z)``), or exce
 ``diverge_factor`` times its first residual, is marked ``diverged`` and frozen at its last
 iterate; every other sample continues exactly as if it had never been in the batch.
 
-Cost per iteration: the residual norm, one reduction (the smallest residual of the active rows:
-a row at or below ``tol``, or a NaN anywhere, shows there) and one host sync; the rows are then
-compacted in the very iteration they stop, so stopped rows are never evaluated again. The
-blow-up limit is checked on the last 8 iterations at once (their iterates are kept by reference,
-at most ``WINDOW_BYTES``; every iteration with ``return_best``), and a row that crossed it is
-frozen at the exact iterate where it did: steps, status, z, trace and states are the same as
-with a check every iteration.
+Cost per iteration: the residual norm, one clamp of the residuals between the tolerance and
+each row's blow-up limit, and one comparison of the clamped residuals with the originals, which
+is the iteration's only host sync (a row at or below ``tol``, above its limit, or NaN changes
+under the clamp). Both stops are therefore checked every iteration, and the rows are compacted
+in the very iteration they stop: stopped rows are never evaluated again, and no iterate is kept
+beyond the current one.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,9 +45,18 @@ from torch import Tensor
 from fixedpoint.maps import RowMap, as_row_map
 
 STATUS_NAMES = ("converged", "max_iter", "diverged")
-LIMIT_EVERY = 8  # iterations between blow-up checks (the tolerance is checked every iteration)
-WINDOW_BYTES = 64 * 2**20  # most memory the iterates kept for those checks may hold
 CONVERGED, MAX_ITER, DIVERGED = 0, 1, 2
+
+
+@functools.lru_cache(maxsize=64)
+def _least_above(threshold: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The least value of ``dtype`` above ``threshold``, as a 0-d tensor: for any residual r of
+    that dtype, ``r < it`` exactly when ``r <= threshold`` (compared as Python floats). Cached:
+    the tensor is only ever read (expanded and sliced, never written)."""
+    below = torch.tensor(threshold, dtype=torch.float64).to(dtype)
+    if float(below) > threshold:  # rounded up: step back to the largest value <= threshold
+        below = torch.nextafter(below, torch.tensor(-math.inf, dtype=dtype))
+    return torch.nextafter(below, torch.tensor(math.inf, dtype=dtype)).to(device)
 
 
 @dataclass
@@ -64,10 +73,10 @@ class Solution:
         states: (K, B, ...) when recorded: ``states[j, b]`` is the iterate at which sample b made
             its j-th f evaluation; after a sample stopped, its last iterate is repeated (the state
             it is frozen at), while its residual there is NaN (no evaluation was made).
-        evaluations: total rows f was evaluated on during the forward solve (sum of ``steps``
-            for native solvers, plus at most 7 evaluations past the crossing for each sample
-            frozen for exceeding ``diverge_factor``, which is checked every 8 iterations;
-            backward re-attachment evaluations are not counted).
+        evaluations: total rows f was evaluated on during the forward solve (the sum of
+            ``steps`` for native solvers; a plain f(z) that closes over batch tensors runs on
+            the whole batch, counted as such; backward re-attachment evaluations are not
+            counted).
         stop_mode: ``"abs"`` or ``"rel"``: the norm of ``residuals`` (see the module docstring).
         tol: the tolerance a residual had to reach to count as converged.
         solver: the registered name of the solver that produced this.
@@ -226,12 +235,9 @@ class Problem:
         self.evaluations = 0
         self.norm = ResidualNorm(stop_mode, z0.shape[1:], z0.dtype)
         self._threshold = self.norm.threshold(tol)
-        self._limit: Tensor | None = None
+        self._limit: Tensor | None = None  # (A,) per-row blow-up limit of the residual
+        self._low: Tensor | None = None  # (A,) the least residual value above the tolerance
         self._columns: list[Tensor] = []  # residuals of the current segment, one per iteration
-        self._window: list[Tensor] = []  # iterates since the last blow-up check (references)
-        state_bytes = z0.numel() * z0.element_size()
-        self._every = 1 if return_best or state_bytes * LIMIT_EVERY > WINDOW_BYTES \
-            else LIMIT_EVERY
         self._steps = torch.zeros(batch, dtype=torch.long, device=device)
         self._status = torch.full((batch,), MAX_ITER, dtype=torch.int8, device=device)
         self._segments = [_Segment(self.rows, 0)]
@@ -280,12 +286,11 @@ class Problem:
     def observe(self, z: Tensor, fz: Tensor) -> Tensor | None:
         """Record the residual of iterate ``z`` (whose image is ``fz``) and freeze stopped rows.
 
-        Every iteration costs one reduction (the smallest residual: a row at or below ``tol``, or
-        a NaN, shows there) and one host sync. The blow-up limit (``diverge_factor``) is checked
-        on the last ``_every`` iterations at once, with their iterates kept by reference, so a
-        row that crossed it is still frozen exactly at the iterate where it did (its ``steps``,
-        status and ``z`` are those of that iteration; only its few evaluations past it are
-        spent). ``gap`` holds ``fz - z`` for solvers that reuse it.
+        Every iteration costs the residual norm, one clamp and one comparison (the only host
+        sync): a row at or below ``tol``, above its blow-up limit (``diverge_factor`` times its
+        first residual) or NaN changes under ``clamp(residual, low, limit)``, with ``low`` the
+        least residual value above the tolerance, so the common iteration where every row
+        continues costs no more than that. ``gap`` holds ``fz - z`` for solvers that reuse it.
 
         Returns:
             ``None`` when every active row continues (the common case: nothing to compact), else
@@ -306,59 +311,105 @@ class Problem:
         if not self.freeze:
             return None
         if self._limit is None:  # first evaluation: NaN/Inf diverges, else set the blow-up limit
-            self._limit = residual * self.diverge_factor
-            self._window.append(z)
-            stops = ~((residual > self._threshold) & torch.isfinite(residual))
-            return self._check(stops[:, None] if bool(stops.any()) else None)
-        self._window.append(z)
-        if float(residual.min()) > self._threshold:  # no row at tol; NaN fails this test
-            if len(self._window) < self._every and self.k < self.max_iter:
-                return None
-            low_only = True
-        else:
-            low_only = False
-        block = torch.stack(self._columns[-len(self._window):], 1)  # (A, W)
-        below = block <= self._limit[:, None]  # False: above the limit, or NaN
-        if low_only and bool(below.all()):
-            return self._check(None)
-        stops = ~below
-        if not low_only:
-            stops |= block <= self._threshold
-        return self._check(stops)
+            return self._first(residual)
+        if torch.equal(torch.clamp(residual, self._low, self._limit), residual):
+            return None  # every row continues
+        return self._check(residual)
 
-    def _check(self, stops: Tensor | None) -> Tensor | None:
-        """Freeze each row at the first window column where ``stops`` (A, W) is set."""
+    def _first(self, residual: Tensor) -> Tensor | None:
+        """The first column: set each row's blow-up limit; a non-finite residual diverges."""
+        top = torch.finfo(residual.dtype).max
+        # clamped, a limit that overflows still catches inf; a row with residual 0 (whose limit
+        # is NaN when diverge_factor is inf) stops here as converged
+        self._limit = (residual * self.diverge_factor).clamp_max(top)
+        self._low = _least_above(self._threshold, residual.dtype, residual.device) \
+            .expand(residual.shape[0])
+        if torch.equal(torch.clamp(residual, self._low[0], top), residual):
+            return None  # every row is finite and above tol
+        return self._check(residual, ~((residual > self._threshold) & torch.isfinite(residual)))
+
+    def run_plain(self, tau: float) -> Solution:
+        """``fixed_point_iter``'s loop ``z <- tau f(z) + (1 - tau) z`` with ``evaluate`` and
+        ``observe`` inlined between events.
+
+        The same columns, window, stops and ``Solution`` as the general loop (tested equal);
+        only the per-iteration method calls are gone. Between two events (a row stops, or
+        ``max_iter``) the active set is fixed, so the map is bound once to the sliced inputs
+        and each iteration is: f, ``fz - z``, one norm, one clamp and one comparison (the sync).
+        Used without grad, without ``record``/``return_best`` and for maps the fast path can
+        bind; anything else takes the general loop.
+        """
+        z = self.z0
+        fz = self.evaluate(z)  # first evaluation: output checks and the blow-up limit
+        keep = self.observe(z, fz)
+        dims, floor = self.norm.dims, None
+        rel = self.stop_mode == "rel"
+        vector_norm, maximum, clamp, equal = (torch.linalg.vector_norm, torch.maximum,
+                                              torch.clamp, torch.equal)
+        while not self.done:
+            if keep is not None:
+                z, fz = z[keep], fz[keep]
+            z = fz if tau == 1.0 else torch.lerp(z, fz, tau)
+            f = self.call.bind(self.rows)
+            if f is None:  # a map the fast path cannot bind (e.g. plain f on a subset)
+                fz = self.evaluate(z)
+                keep = self.observe(z, fz)
+                continue
+            columns, low, limit = self._columns, self._low, self._limit
+            left, shape, dtype = self.max_iter - self.k, z.shape, z.dtype
+            floor = self.norm._floor if rel else None
+            count, moved = 0, False
+            gap = torch.empty_like(z)  # f(z) - z, written in place every iteration
+            while True:
+                fz = f(z)
+                if not isinstance(fz, Tensor) or fz.shape != shape:
+                    self._check_output(z, fz)
+                if fz.dtype != dtype:
+                    fz = fz.to(dtype)
+                count += 1
+                residual = vector_norm(torch.sub(fz, z, out=gap), dim=dims)
+                if rel:
+                    residual = residual / maximum(vector_norm(fz, dim=dims), floor)
+                columns.append(residual)
+                if not equal(clamp(residual, low, limit), residual):
+                    moved = True  # some row stops at this iterate
+                    break
+                if count >= left:
+                    break
+                z = fz if tau == 1.0 else torch.lerp(z, fz, tau)
+            self.k += count
+            self.evaluations += count * z.shape[0]
+            self._last = z
+            self.call.settle(z)
+            keep = self._check(residual) if moved else None
+        return self.finish()
+
+    @property
+    def plain_ok(self) -> bool:
+        """Whether ``run_plain`` applies: no grad, no record/return_best, freezing, a norm the
+        inlined loop computes (states with a sample dimension, float32/float64)."""
+        return (self.freeze and not self.record and not self.return_best
+                and not torch.is_grad_enabled() and self.norm.dims is not None
+                and self.norm.norm_dtype is None)
+
+    def _check(self, residual: Tensor, stops: Tensor | None = None) -> Tensor | None:
+        """Freeze the rows of the newest column that stop: at or below tol (converged), above
+        their limit or NaN (diverged). ``stops`` (A,) bool overrides the test."""
         if stops is None:
-            self._window = []
+            stops = ~((residual > self._threshold) & (residual <= self._limit))  # NaN stops
+        stop = stops.nonzero().squeeze(1)
+        if stop.numel() == 0:
             return None
-        hit = stops.any(1)
-        if not bool(hit.any()):
-            self._window = []
-            return None
-        stop = hit.nonzero().squeeze(1)
-        keep = (~hit).nonzero().squeeze(1)
+        keep = (~stops).nonzero().squeeze(1)
         stopped_rows = self.rows[stop]
-        width = len(self._window)
-        if width == 1:  # the common case: rows stop at the newest iterate
-            residual = self._columns[-1][stop]
-            self._steps[stopped_rows] = self.k
-            last = self._window[-1][stop]
-        else:
-            at = stops.to(torch.uint8).argmax(1)[stop]  # first stopping column of each row
-            residual = torch.stack(self._columns[-width:], 1)[stop, at]
-            self._steps[stopped_rows] = self.k - width + 1 + at
-            if bool((at == width - 1).all()):
-                last = self._window[-1][stop]
-            else:  # some row stopped before the newest iterate: take it from the window
-                last = torch.stack(self._window)[at, stop]
-        converged = residual <= self._threshold
+        self._steps[stopped_rows] = self.k
+        converged = residual[stop] <= self._threshold
         self._status[stopped_rows] = torch.where(converged, CONVERGED, DIVERGED).to(torch.int8)
         best = self._best_z[stop] if self.return_best else None
-        self._frozen.append((stopped_rows, last, best))
-        self._window = []
+        self._frozen.append((stopped_rows, self._last[stop], best))
         self.rows = self.rows[keep]
         self.norm.select(keep)
-        self._limit = self._limit[keep]
+        self._limit, self._low = self._limit[keep], self._low[: keep.shape[0]]
         self._last = self._last[keep]
         if self.return_best:
             self._best_r, self._best_z = self._best_r[keep], self._best_z[keep]
@@ -416,6 +467,9 @@ class Problem:
     def _trace(self) -> Tensor:
         batch = self.z0.shape[0]
         dtype = torch.float64 if self.z0.dtype == torch.float64 else torch.float32
+        if len(self._segments) == 1 and len(self._segments[0].residuals) == self.k and self.k:
+            block = torch.stack(self._segments[0].residuals, 1).to(dtype)  # nobody stopped early
+            return self.norm.report(torch.where(torch.isnan(block), math.inf, block))
         trace = torch.full((batch, self.k), math.nan, dtype=dtype, device=self.z0.device)
         for segment in self._segments:
             if segment.residuals:
@@ -423,8 +477,6 @@ class Problem:
                 block = torch.where(torch.isnan(block), math.inf, block)  # NaN f(z) -> inf
                 end = segment.start + block.shape[1]
                 trace[segment.rows, segment.start:end] = block
-        if self.freeze and self.k:  # a row frozen inside a window was evaluated past its stop
-            trace[torch.arange(self.k, device=trace.device) >= self._steps[:, None]] = math.nan
         return self.norm.report(trace)
 
     def _states(self, last: Tensor) -> Tensor:

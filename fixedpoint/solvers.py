@@ -53,6 +53,8 @@ def fixed_point_iter(problem: Problem, *, tau: float = 1.0) -> Solution:
         tau: damping in (0, 1]; 1 is plain iteration.
     """
     _check_fraction("tau", tau)
+    if problem.plain_ok:
+        return problem.run_plain(tau)
     z = problem.z0
     while not problem.done:
         fz = problem.evaluate(z)

@@ -307,3 +307,78 @@ def test_blow_up_found_between_checks_freezes_the_row_at_the_crossing_iterate(re
     if record:
         assert torch.equal(sol.states[crossing:, 1], sol.z[1].expand(40 - crossing, 3))
         assert not torch.equal(sol.states[crossing - 1, 1], sol.z[1])
+
+
+# -- fixed_point_iter's inlined loop (Problem.run_plain) against the general loop ----------------
+def _mixed_rows(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """f(z, x, a) = a * (z Q) + x, Q orthogonal: row b contracts at rate a_b (closed form)."""
+    gen = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=gen, dtype=torch.float64))
+    a = torch.tensor([0.3, 0.5, 0.7, 0.9, 0.95, 3.0, 0.6, 0.8], dtype=torch.float64)[:, None]
+    x = torch.randn(8, 16, generator=gen, dtype=torch.float64)
+    x[6] = math.nan  # NaN image at the first evaluation
+    x[7] = 0.0  # z0 = 0 is already the fixed point
+    return q.to(dtype), x.to(dtype), a.to(dtype)
+
+
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+@pytest.mark.parametrize("form", ["inputs", "closure", "whole"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inlined_fixed_point_loop_equals_the_general_loop(monkeypatch, stop_mode, tau, form,
+                                                          dtype):
+    from fixedpoint.problem import Problem
+
+    q, x, a = _mixed_rows(dtype)
+    if form == "inputs":
+        args = {"inputs": (x, a)}
+
+        def f(z, x, a):
+            return a * (z @ q) + x
+    elif form == "closure":  # a plain f(z) over batch tensors: found out, then whole-batch
+        args = {}
+
+        def f(z):
+            return a * (z @ q) + x
+    else:  # a plain f(z) with nothing per-sample: runs on the active rows
+        args = {}
+
+        def f(z):
+            return 0.9 * torch.tanh(z @ q) + 0.1
+    z0 = torch.zeros(8, 16, dtype=dtype)
+    options = dict(solver="fixed_point_iter", tol=1e-5, max_iter=60, stop_mode=stop_mode,
+                   tau=tau, diverge_factor=1e3, **args)
+    with torch.no_grad():
+        fast = solve(f, z0, **options)
+        monkeypatch.setattr(Problem, "plain_ok", property(lambda self: False))
+        general = solve(f, z0, **options)
+    assert torch.equal(fast.steps, general.steps)
+    assert torch.equal(fast.status, general.status)
+    torch.testing.assert_close(fast.z, general.z, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(fast.residuals, general.residuals, rtol=0, atol=0, equal_nan=True)
+    assert fast.evaluations == general.evaluations
+    if form != "whole":  # the closed-form rows stop where they must
+        names = fast.status_names
+        if stop_mode == "abs":  # z <- 3z + x grows past the limit (its rel residual -> 2/3)
+            assert names[5] == "diverged"
+        assert names[6] == "diverged" and names[7] == "converged"
+        assert int(fast.steps[7]) == 1 and int(fast.steps[6]) == 1
+        assert len(set(fast.steps[:5].tolist())) > 1  # rows really stopped at different steps
+
+
+def test_stop_tests_are_exact_at_the_tolerance_and_the_limit():
+    """A residual exactly at tol converges; one exactly at the blow-up limit continues."""
+    from fixedpoint.problem import Problem
+
+    # z <- z + c: residual |c| every step; row 0 at tol exactly, row 1 just above
+    tol = 0.25
+    c = torch.tensor([[0.25], [0.2500001]], dtype=torch.float64)
+    sol = solve(lambda z, c: z + c, torch.zeros(2, 1, dtype=torch.float64), inputs=(c,),
+                solver="fixed_point_iter", tol=tol, max_iter=5, stop_mode="abs")
+    assert sol.status_names == ["converged", "max_iter"]
+    # z <- 2z + 1 from 0: residuals 1, 2, 4, 8 ...; limit 4 x the first -> diverged at the 4th
+    problem = Problem(lambda z: 2 * z + 1, torch.zeros(1, 1), tol=1e-12, max_iter=20,
+                      stop_mode="abs", diverge_factor=4.0)
+    out = problem.run_plain(1.0)
+    assert out.status_names == ["diverged"] and int(out.steps[0]) == 4
+    assert out.residuals[0].tolist() == [1.0, 2.0, 4.0, 8.0]
