@@ -217,6 +217,16 @@ def test_rotation_slightly_expanding_diverges(variant):
 
 # --- non-normal transients and slow contractions: never drifting / diverging ------------------
 
+def _loop_grows(system: System, variant: str, dtype: torch.dtype, steps: int = 4096) -> bool:
+    """Ground truth of the loop as computed in ``dtype``: run it ``steps`` steps (noise is only
+    added to recorded states, so the noisy variants share the embedded loop) and call it growing
+    when any sample's last step is non-finite or above 1e3 x its step at K."""
+    states, _ = _states(system, "raw" if variant == "raw" else "embedded", dtype, 4, steps)
+    step = torch.linalg.vector_norm((states[1:] - states[:-1]).double(), dim=-1)
+    late, at_k = step[-1], step[K - 2]
+    return bool((~torch.isfinite(late) | (late > 1e3 * at_k)).any())
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("size,eigenvalue", [(4, 0.9), (8, 0.97), (16, 0.9), (16, 0.97),
                                              (32, 0.9)])
@@ -228,12 +238,18 @@ def test_jordan_blocks_are_stable(size, eigenvalue, variant):
                     _uniform(-1, 1, size, torch.float64), "", 0, size, torch.float64)
     for dtype in (torch.float64, torch.float32):
         states, f = _states(system, variant, dtype, 4)
-        # KNOWN GAP, not asserted: without f the growth of a size-s block (k^(s-1) rho^k) is
-        # still read "diverging" when its deceleration is mild over the last half (16 x 0.97,
-        # 32 x 0.9 in float64); "growth decelerates" catches the clear cases only
-        _check(states, f, {"converging", "converged"}, decided=0.75, check_plain=False)
+        # The loop as computed: a dense embedding's rounding puts a size-s block's eigenvalue
+        # within ~(eps ||J||)^(1/s) of the ring around it (fp32, 8 x 0.97: eigvals of the rounded
+        # matrix 1.03), and such loops overflow later. Where the same loop run 4096 steps in
+        # this dtype grows past 1e3 x its size at K, "diverging" is the truth of the loop.
+        allowed = {"converging", "converged"} | ({"diverging"} if _loop_grows(
+            system, variant, dtype) else set())
+        # without f: not asserted here (see test_jordan_without_f_never_diverges_when_bounded)
+        _check(states, f, allowed, decided=0.75, check_plain=False)
         verdicts = classify(states, f=f)
-        confident = torch.as_tensor(verdicts.label != "undetermined")
+        # a sample read diverging on a loop that does grow reports the rounded loop's radius
+        confident = torch.as_tensor((verdicts.label != "undetermined")
+                                    & (verdicts.label != "diverging"))
         # in float32 a dense embedding moves a size-16 block's eigenvalues by ~eps^(1/16)
         if dtype == torch.float64 or size <= 8:
             assert (verdicts.spectral_radius[confident] - truth).abs().max() < 0.03
@@ -387,5 +403,7 @@ def test_spectral_radius_flags_a_very_non_normal_map_as_unconverged():
     truth = float(torch.linalg.eigvals(matrix).abs().max())
     est = spectral_radius(lambda z: z @ matrix.T, torch.zeros(2, 48, dtype=torch.float64),
                           with_error=True)
-    assert (est.rho - truth).abs().min() > 0.1
+    # the estimate may land near the truth by luck (the largest member of a cluster of distinct
+    # Ritz values); what it must not do is claim an accuracy the Krylov space does not have
     assert not est.converged.any()
+    assert ((est.rho - truth).abs() <= est.error).all()
