@@ -407,3 +407,91 @@ def test_spectral_radius_flags_a_very_non_normal_map_as_unconverged():
     # Ritz values); what it must not do is claim an accuracy the Krylov space does not have
     assert not est.converged.any()
     assert ((est.rho - truth).abs() <= est.error).all()
+
+
+# --- Jordan blocks and non-normal contractions not in systems.py: sizes, eigenvalues, dtypes ----
+
+def _jordan_system(size: int, eigenvalue: float) -> System:
+    matrix = jordan_matrix(size, eigenvalue)
+    return System(f"jordan_{size}_{eigenvalue}",
+                  _affine(matrix, torch.zeros(size, dtype=torch.float64)),
+                  _uniform(-1, 1, size, torch.float64), "", 0, size, torch.float64)
+
+
+def _past_sqrt_max(states: torch.Tensor) -> torch.Tensor:
+    norms = torch.linalg.vector_norm(states.flatten(2).double(), dim=-1)
+    limit = math.sqrt(torch.finfo(states.dtype).max)
+    return (~torch.isfinite(norms) | (norms > limit)).any(0)
+
+
+@pytest.mark.parametrize("variant", ("raw", "embedded", "noise1e-4"))
+@pytest.mark.parametrize("size,eigenvalue", [(4, 0.95), (6, 0.98), (12, 0.92), (12, 0.96),
+                                             (24, 0.93), (24, 0.99)])
+def test_jordan_without_f_never_diverges_when_bounded(size, eigenvalue, variant):
+    system = _jordan_system(size, eigenvalue)
+    assert float(torch.linalg.eigvals(jordan_matrix(size, eigenvalue)).abs().max()) < 1
+    states, f = _states(system, variant, torch.float64, 4)
+    grows = _loop_grows(system, variant, torch.float64)
+    unbounded = {"diverging"} if grows else set()
+    # with f: the map's radius (< 1) decides, unless the loop as computed grows
+    _check(states, f, {"converging", "converged"} | unbounded, decided=0.75, check_plain=False)
+    # without f: a bounded loop is never diverging (growth that decelerates is undetermined)
+    verdicts = classify(states)
+    fine = ~_past_sqrt_max(states).numpy()
+    assert set(verdicts.label[fine]) <= {"converging", "converged", "undetermined"} | unbounded, \
+        verdicts.label
+    assert all(verdicts.reason[verdicts.label == "undetermined"])
+
+
+@pytest.mark.parametrize("variant", ("raw", "embedded"))
+@pytest.mark.parametrize("size,eigenvalue,without_f", [(8, 1.01, 0.5), (16, 1.01, 1.0),
+                                                       (8, 1.05, 1.0), (12, 1.03, 1.0)])
+def test_jordan_with_eigenvalue_above_one_is_diverging(size, eigenvalue, without_f, variant):
+    # growth k^(s-1) lambda^k decelerates over the last half, but its rate tends to log lambda > 0
+    truth = float(torch.linalg.eigvals(jordan_matrix(size, eigenvalue)).abs().max())
+    assert truth == pytest.approx(eigenvalue)
+    states, f = _states(_jordan_system(size, eigenvalue), variant, torch.float64, 4)
+    assert (classify(states, f=f).label == "diverging").all()
+    labels = classify(states).label
+    assert set(labels) <= {"diverging", "undetermined"}, labels
+    assert (labels == "diverging").mean() >= without_f, labels
+
+
+def test_overflowed_loop_stays_diverging_with_the_map():
+    # 32 x 1.01 embedded in fp32 overflows within K; its Krylov radius at the NaN state is
+    # scattered by rounding (one sample read 0.97 +- 0.02): the map must not make it converging
+    states, f = _states(_jordan_system(32, 1.01), "embedded", torch.float32, 4)
+    assert (~torch.isfinite(states[-1])).any(-1).all()
+    assert (classify(states, f=f).label == "diverging").all()
+
+
+@pytest.mark.parametrize("n,scale", [(12, 4.0), (16, 8.0), (24, 4.0), (48, 2.0), (48, 8.0)])
+def test_spectral_radius_converged_means_within_its_error_in_float32(n, scale):
+    from fixedpoint import spectral_radius
+
+    for seed in range(3):
+        matrix = _schur_map(n, scale, seed)
+        truth = float(torch.linalg.eigvals(matrix).abs().max())
+        est = spectral_radius(lambda z, m=matrix: z @ m.to(z).T,
+                              torch.zeros(2, n, dtype=torch.float32), with_error=True)
+        gap = (est.rho.double() - truth).abs()
+        ok = est.converged
+        assert (gap[ok] <= est.error.double()[ok] + 1e-6).all(), (seed, gap, est)
+        # an unconverged estimate still states an error that covers the truth
+        assert (gap <= est.error.double() + 1e-6).all(), (seed, gap, est)
+
+
+@pytest.mark.parametrize("variant", ("raw", "embedded", "noise1e-4"))
+@pytest.mark.parametrize("n,scale,seed", [(6, 2.0, 4), (10, 4.0, 5), (16, 3.0, 6)])
+def test_non_normal_schur_contraction_is_never_drifting_or_chaotic(n, scale, seed, variant):
+    # Q (D + N) Q^T, D real Schur blocks of modulus <= 0.95, N random strictly upper of norm
+    # ~scale: transient growth, then decay (eigvals < 1)
+    matrix = _schur_map(n, scale, seed)
+    assert float(torch.linalg.eigvals(matrix).abs().max()) < 0.96
+    system = System("schur", _affine(matrix, torch.full((n,), 0.3, dtype=torch.float64)),
+                    _uniform(-1, 1, n, torch.float64), "", 0, n, torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        states, f = _states(system, variant, dtype, 4)
+        unbounded = {"diverging"} if _loop_grows(system, variant, dtype) else set()
+        _check(states, f, {"converging", "converged"} | unbounded, decided=1.0,
+               plain_too=("undetermined",))
