@@ -500,9 +500,29 @@ def _find_periods(
         window = recent[:, cand]  # (W, c, M)
         returns = _distances(window[p:], window[:-p])  # (W-p, c)
         found = cand[_q90(returns) <= atol[rows[cand]]]
-        period[rows[found]] = p
+        # an orbit still closing in on a d-cycle (d | p) returns within tol only at lag p: its lag-d
+        # returns shrink (Henon a = 0.9, 2-step multiplier near -1, read period 4)
+        period[rows[found]] = _settling_divisor(recent[:, found], p)
         label[rows[found]] = _INDEX["periodic"]
         possible[:, found] = False
+
+
+def _settling_divisor(window: Tensor, p: int) -> Tensor:
+    """(c,) for (W, c, M) states that return within tol at lag p: the smallest divisor d >= 2 of p
+    whose lag-d return errors shrink (8-window envelope falling in every window, by > 1.1 in all)
+    — the orbit converges onto that d-cycle — else p."""
+    out = torch.full((window.shape[1],), p, dtype=torch.long, device=window.device)
+    for d in range(p - 1, 1, -1):  # descending, so the smallest shrinking divisor wins
+        if p % d:
+            continue
+        returns = _distances(window[d:], window[:-d])  # (W-d, c)
+        length = returns.shape[0] // _ENVELOPE_WINDOWS
+        if length < _ENVELOPE_LENGTH:
+            continue
+        env = returns[-_ENVELOPE_WINDOWS * length:].reshape(_ENVELOPE_WINDOWS, length, -1).amax(1)
+        shrinking = (env[1:] < env[:-1]).all(0) & (env[-1] * 1.1 < env[0])
+        out = torch.where(shrinking, torch.full_like(out, d), out)
+    return out
 
 
 def _gram_possible(recent: Tensor, atol: Tensor, p_top: int) -> Tensor:

@@ -495,3 +495,89 @@ def test_non_normal_schur_contraction_is_never_drifting_or_chaotic(n, scale, see
         unbounded = {"diverging"} if _loop_grows(system, variant, dtype) else set()
         _check(states, f, {"converging", "converged"} | unbounded, decided=1.0,
                plain_too=("undetermined",))
+
+
+# --- new maps: Henon periodic windows, tent, standard map island / sea, logistic windows ------
+
+def _settled_period(f, z: torch.Tensor, p_max: int = 16) -> int:
+    """Period of the attractor through z: 5000 float64 steps, then the smallest p with
+    |x_{k+p} - x_k| < 1e-9 over 64 steps (0: none up to p_max)."""
+    for _ in range(5000):
+        z = f(z)
+    orbit = [z]
+    for _ in range(64 + p_max):
+        orbit.append(f(orbit[-1]))
+    orbit = torch.stack(orbit)
+    for p in range(1, p_max + 1):
+        if (orbit[p:p + 64] - orbit[:64]).abs().max() < 1e-9:
+            return p
+    return 0
+
+
+def _henon_a(a: float) -> System:
+    from fixedpoint.systems import _henon
+
+    return System(f"henon_{a}", lambda x: _henon(x, a, 0.3), _uniform(-0.1, 0.1, 2, torch.float64),
+                  "", 0, 2, torch.float64)
+
+
+def _tent_s(slope: float) -> System:
+    return System(f"tent_{slope}", lambda x: slope * torch.minimum(x, 1 - x),
+                  _uniform(0.05, 0.95, 1, torch.float64), "", 0, 1, torch.float64)
+
+
+PERIODIC_NEW = {
+    # a = 0.9 is just below the 2 -> 4 doubling (0.9125): the orbit closes in on its 2-cycle with a
+    # 2-step multiplier near -1, and was read period 4
+    "henon_0.9": _henon_a(0.9),
+    "henon_1.0": _henon_a(1.0),
+    "henon_1.03": _henon_a(1.03),
+    "logistic_3.3": _logistic_r(3.3),
+    "logistic_3.63": _logistic_r(3.63),  # was read period 12 on some samples
+    "logistic_3.845": _logistic_r(3.845),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PERIODIC_NEW))
+def test_new_periodic_windows_find_the_settled_period(name):
+    system = PERIODIC_NEW[name]
+    z = system.sample(1, torch.Generator().manual_seed(0)).double()
+    period = _settled_period(system.f, z)
+    assert 2 <= period <= 8, period
+    for variant in VARIANTS:
+        for dtype in (torch.float64, torch.float32):
+            states, f = _states(system, variant, dtype, 4)
+            _check(states, f, {"periodic"}, period, decided=1.0)
+
+
+NEW_BOUNDED = {
+    "tent_1.5": (_tent_s(1.5), {"chaotic"}),
+    "tent_1.99": (_tent_s(1.99), {"chaotic"}),
+    "henon_1.2": (_henon_a(1.2), {"chaotic"}),
+    "standard_2.5_sea": (System("standard_2.5", _standard(2.5), _standard_sample((1.0, 1.0), 1.0),
+                                "", 0, 4, torch.float64), {"chaotic"}),
+    "standard_0.9_island": (System("standard_0.9", _standard(0.9),
+                                   _standard_sample((math.pi, 0.0), 0.3), "", 0, 4,
+                                   torch.float64), {"quasi_periodic"}),
+    "tent_0.8": (_tent_s(0.8), {"converged", "converging"}),
+    "spiral_0.999": (System("spiral", _affine(_rotation64(0.3, 0.999), torch.tensor([0.5, -0.2])),
+                            _uniform(-1, 1, 2, torch.float64), "", 0, 2, torch.float64),
+                     {"converged", "converging"}),
+}
+
+
+@pytest.mark.slow  # ~1.5 s each, 8 variants x dtypes with and without f
+@pytest.mark.parametrize("name", sorted(NEW_BOUNDED))
+def test_new_maps_chaotic_quasi_periodic_or_contracting(name):
+    system, allowed = NEW_BOUNDED[name]
+    z = system.sample(1, torch.Generator().manual_seed(0)).double()
+    if allowed == {"chaotic"}:
+        assert qr_lyapunov(system.f, z, 400) > 0.1  # independent: chaotic
+    elif allowed == {"quasi_periodic"}:
+        assert abs(qr_lyapunov(system.f, z, 400)) < 0.02 and _settled_period(system.f, z) == 0
+    else:
+        assert _settled_period(system.f, z) in (0, 1)  # a fixed point (or still closing in)
+    for variant in VARIANTS:
+        for dtype in (torch.float64, torch.float32):
+            states, f = _states(system, variant, dtype, 4)
+            _check(states, f, allowed, decided=1.0)
