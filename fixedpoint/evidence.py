@@ -38,6 +38,39 @@ NOISE_SHARE = 0.05  # noisy returns must be below this share of the orbit's mean
 GROWTH_NATS = 4.0  # late-half tangent growth that separates exponential from bounded
 
 
+def asymptotic_rate(log_env: Tensor, ends: Tensor) -> Tensor:
+    """(n,) lower bound (estimate - 3 SE) of the asymptotic log-growth rate per step of a growing
+    envelope: ``log_env`` (W, n) at step positions ``ends`` (W,), W >= 5.
+
+    Growth ``k^a rho^k`` (a size-(a+1) Jordan block, ``log C(k, a) ~ a log(k - (a-1)/2)``) has a
+    log-growth rate ``a / k + log rho`` that falls over the window even when ``rho > 1``, so a
+    falling rate alone cannot tell a transient from divergence; its limit ``log rho`` can. Fit
+    ``log_env = b + a log(k - s) + c k`` for every integer a in 0..64, with the Jordan shift
+    ``s = (a-1)/2`` and without it (``s = 0``: the bare ``a / k`` model, whose c is lower for a
+    Jordan transient), keep each model's best a, and return the smaller ``c - 3 SE`` of the two
+    (SE from the fit's residuals, W - 3 degrees of freedom). Conservative by construction: a
+    contraction's c is negative under both models, a true exponential (a = 0) is fitted exactly.
+    """
+    w = log_env.shape[0]
+    t = ends.to(log_env.dtype)  # (W,)
+    alpha = torch.arange(65, dtype=log_env.dtype, device=log_env.device)  # (A,)
+    t_c = t - t.mean()
+    var = t_c.square().sum()
+    lower = None
+    for shift in ((alpha - 1).clamp_min(0) / 2, torch.zeros_like(alpha)):
+        basis = torch.log((t[None] - shift[:, None]).clamp_min(0.5))  # (A, W)
+        y = log_env[None] - alpha[:, None, None] * basis[:, :, None]  # (A, W, n)
+        y_c = y - y.mean(1, keepdim=True)
+        slope = (t_c[None, :, None] * y_c).sum(1) / var  # (A, n)
+        ss = (y_c - slope[:, None] * t_c[None, :, None]).square().sum(1)  # (A, n)
+        best = ss.argmin(0, keepdim=True)  # (1, n)
+        c = slope.gather(0, best).squeeze(0)
+        se = (ss.gather(0, best).squeeze(0) / max(1, w - 3) / var).sqrt()
+        bound = c - 3 * se
+        lower = bound if lower is None else torch.minimum(lower, bound)
+    return lower
+
+
 def distances(x: Tensor, other: Tensor) -> Tensor:
     """Per-sample ||x_k - other_k|| of (K, n, M) states, ``other`` (K, n, M) or (n, M): (K, n).
 

@@ -120,6 +120,22 @@ def _single_eigenvalue(hess: Tensor, centre: Tensor, dims: Tensor, delta: Tensor
     return ok
 
 
+def _ring_like(values: Tensor, centre: Tensor, weight: Tensor, size: Tensor) -> Tensor:
+    """(B, m) bool: the cluster of Ritz value i (``weight`` (B, m, m) its members) looks like one
+    defective eigenvalue perturbed by rounding. Its s members are then the roots of
+    ``mu^s ~ delta`` around the centre, whose power sums ``sum mu^2``, ``sum mu^3`` vanish against
+    ``sum |mu|^k`` (to O(delta^(1 - k/s))); a set of distinct eigenvalues gives O(1). Needs s >= 3
+    (two points c +- r are a pair either way, and are kept apart)."""
+    mu = values[:, None, :] - centre[:, :, None]  # (B, m, m): member j about cluster i's centre
+    w = weight.to(values.dtype)
+    ring = size >= 3
+    for k in (2, 3):
+        power = (w * mu**k).sum(2).abs()
+        total = (weight * mu.abs() ** k).sum(2).clamp_min(1e-300)
+        ring &= (power <= 0.1 * total) | (size <= k)
+    return ring
+
+
 def ritz_radius(hess: Tensor, beta: Tensor, eps: float, dims: Tensor | None = None,
                 lost: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Spectral radius and its error bound from Arnoldi's H (B, m, m) and h_{m+1,m} (B,).
@@ -163,8 +179,18 @@ def ritz_radius(hess: Tensor, beta: Tensor, eps: float, dims: Tensor | None = No
     centre = torch.bmm(weight.to(values.dtype), values[:, :, None]).squeeze(2) / size
     spread = ((values[:, None, :] - centre[:, :, None]).abs() * weight).amax(2)
     # a ring of s Ritz values of radius R around a defective eigenvalue: its mean errs by ~R / s
-    error = torch.where(size > 1, spread / size + delta, bound)
-    modulus = torch.where(valid, centre.abs(), torch.full_like(centre.abs(), -1.0))
+    # A cluster's mean is its eigenvalue only when the cluster is one defective eigenvalue that
+    # rounding scattered into a ring: the roots of (mu^s = delta) have vanishing power sums
+    # sum mu^k (k < s), distinct eigenvalues do not (a 16-D Schur form with an upper part of norm
+    # 8 in fp32 merges 0.90 with its neighbours into a mean of 0.63). Elsewhere the cluster
+    # reports its largest member and the largest first-order bound among its members.
+    ring = _ring_like(values, centre, weight, size)
+    member_modulus = (values.abs()[:, None, :] * weight - (1 - weight)).amax(2)  # (B, m)
+    member_bound = (bound[:, None, :] * weight).amax(2)
+    distinct = (size > 1) & ~ring
+    error = torch.where(size > 1, torch.where(ring, spread / size + delta, member_bound), bound)
+    modulus = torch.where(distinct, member_modulus, centre.abs())
+    modulus = torch.where(valid, modulus, torch.full_like(modulus, -1.0))
     top = modulus.argmax(1, keepdim=True)
     rho, err = modulus.gather(1, top).squeeze(1), error.gather(1, top).squeeze(1)
     whole = (member.gather(1, top[:, :, None].expand(-1, 1, m)).squeeze(1) | ~valid).all(1)

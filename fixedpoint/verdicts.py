@@ -87,6 +87,7 @@ REASONS = (
 _SHORT_TREND, _SHORT_PERIOD, _DRIFT, _POLYNOMIAL, _GROWTH, _GROW_CONTRACT, _UNSTABLE = range(1, 8)
 _ENVELOPE_WINDOWS, _ENVELOPE_LENGTH = 8, 2  # a monotone run of 8 happens by chance w.p. 1/8!
 _REPEATS = 3  # a period p is believed after 3 repeats of it (2 returns of every state)
+_RATE_FLOOR = 1e-3  # asymptotic log-growth per step that counts as exponential divergence
 _SETTLED = 4  # converged: at least this many final states within tol
 
 # (tol, period_tol) per dtype, relative to the trajectory's scale.
@@ -229,7 +230,9 @@ def classify(
     if f is not None:
         evidence_ = _map_quantities(f, inputs, states, period, shape, p_max, spectral_iters,
                                     method, x, label, noisy, lyapunov_steps, lyapunov_max_steps)
-        label, rho, lyap, why = _weigh_map(label, noisy, why, evidence_, x.shape[0])
+        overflowed = ~torch.isfinite(residual)  # non-finite or past sqrt(finfo.max)
+        nonfinite = overflowed & ~torch.isfinite(x.amax((0, 2)) - x.amin((0, 2)))
+        label, rho, lyap, why = _weigh_map(label, noisy, why, evidence_, x.shape[0], nonfinite)
     why = torch.where(label == _INDEX["undetermined"], why, torch.zeros_like(why))
     names = np.asarray(LABELS)[label.cpu().numpy()]
     reasons = np.asarray(REASONS, dtype=object)[why.cpu().numpy()]
@@ -253,8 +256,13 @@ def _tangent_steps(x: Tensor, label: Tensor, noisy: Tensor, affine: Tensor, low:
 
 
 def _weigh_map(label: Tensor, noisy: Tensor, why: Tensor, ev: dict[str, Tensor], k: int,
-               ) -> tuple[Tensor, ...]:
-    """Combine the trajectory's labels with the map's evidence (see the module docstring)."""
+               nonfinite: Tensor) -> tuple[Tensor, ...]:
+    """Combine the trajectory's labels with the map's evidence (see the module docstring).
+
+    ``nonfinite`` (n,): samples whose recorded states reached inf / NaN. They stay ``diverging``
+    whatever the map says: the loop as computed overflowed (a Jordan block of eigenvalue 1.01
+    embedded in fp32 is estimated at 0.97 +- 0.02 from a Krylov space its rounding scatters).
+    """
     rho, error, lyap, code = ev["rho"], ev["rho_error"], ev["lyapunov"], ev["growth"]
     undetermined = label == _INDEX["undetermined"]
     # An affine map's fate is its spectral radius, whatever its transient growth looked like
@@ -267,7 +275,7 @@ def _weigh_map(label: Tensor, noisy: Tensor, why: Tensor, ev: dict[str, Tensor],
     # is no convergence)
     settling = ev["affine"] & (moving | (label == _INDEX["aperiodic"]))
     visible = (1 - rho - error) * k > 1e-3
-    label = torch.where(settling & visible, _INDEX["converging"], label)
+    label = torch.where(settling & visible & ~nonfinite, _INDEX["converging"], label)
     label = torch.where(affine & (rho - error > 1), _INDEX["diverging"], label)
     lyap = torch.where(ev["affine"], rho.clamp_min(1e-300).log(), lyap)
     aperiodic = label == _INDEX["aperiodic"]
@@ -434,6 +442,18 @@ def _envelope_trend(step: Tensor, factor: float) -> tuple[Tensor, Tensor, Tensor
     log_env = envelope.clamp_min(torch.finfo(step.dtype).tiny).log()
     early, late = log_env[3] - log_env[0], log_env[-1] - log_env[-4]
     polynomial = growing & (late < 0.8 * early)
+    if bool(polynomial.any()):
+        # a decelerating growth whose rate still tends to a clearly positive limit is divergence
+        # with a polynomial prefactor (a Jordan block of eigenvalue 1.01), not a transient
+        ends = torch.arange(1, windows + 1, device=step.device) * length
+        ends = ends + (step.shape[0] - windows * length)
+        rows = polynomial.nonzero().squeeze(1)
+        # the limit must be clear against the rate still observed (a tenth of it): rounding of
+        # a dense embedding turns a huge transient into a slow growth whose onset is no evidence
+        observed = late[rows] / (3 * length)
+        limit = torch.clamp(0.1 * observed, min=_RATE_FLOOR)
+        exponential = evidence.asymptotic_rate(log_env[:, rows], ends) > limit
+        polynomial[rows[exponential]] = False
     return growing, shrinking, polynomial, torch.zeros_like(growing)
 
 
@@ -480,9 +500,29 @@ def _find_periods(
         window = recent[:, cand]  # (W, c, M)
         returns = _distances(window[p:], window[:-p])  # (W-p, c)
         found = cand[_q90(returns) <= atol[rows[cand]]]
-        period[rows[found]] = p
+        # an orbit still closing in on a d-cycle (d | p) returns within tol only at lag p: its lag-d
+        # returns shrink (Henon a = 0.9, 2-step multiplier near -1, read period 4)
+        period[rows[found]] = _settling_divisor(recent[:, found], p)
         label[rows[found]] = _INDEX["periodic"]
         possible[:, found] = False
+
+
+def _settling_divisor(window: Tensor, p: int) -> Tensor:
+    """(c,) for (W, c, M) states that return within tol at lag p: the smallest divisor d >= 2 of p
+    whose lag-d return errors shrink (8-window envelope falling in every window, by > 1.1 in all)
+    — the orbit converges onto that d-cycle — else p."""
+    out = torch.full((window.shape[1],), p, dtype=torch.long, device=window.device)
+    for d in range(p - 1, 1, -1):  # descending, so the smallest shrinking divisor wins
+        if p % d:
+            continue
+        returns = _distances(window[d:], window[:-d])  # (W-d, c)
+        length = returns.shape[0] // _ENVELOPE_WINDOWS
+        if length < _ENVELOPE_LENGTH:
+            continue
+        env = returns[-_ENVELOPE_WINDOWS * length:].reshape(_ENVELOPE_WINDOWS, length, -1).amax(1)
+        shrinking = (env[1:] < env[:-1]).all(0) & (env[-1] * 1.1 < env[0])
+        out = torch.where(shrinking, torch.full_like(out, d), out)
+    return out
 
 
 def _gram_possible(recent: Tensor, atol: Tensor, p_top: int) -> Tensor:
