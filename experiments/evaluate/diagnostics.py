@@ -319,11 +319,8 @@ def _state_rows(h: Tensor, n_loops: int, add: Callable[[str, Tensor], None],
                 rows: list[tuple[int, str, float]]) -> None:
     """The diagnostics of the states themselves (residual, coherence, rank, CKA)."""
     dtype = h.dtype  # the caller's choice, made in per_loop_table
-    add("relative_residual", relative_residual(h, dtype=dtype))
-    cos_prev, cos_total = update_coherence(h, dtype)
-    add("cos_prev", cos_prev)
-    add("cos_total", cos_total)
-    add("period2_return_error", period2_return_error(h, dtype))
+    for metric, values in _step_metrics(h).items():
+        add(metric, values)
     add("effective_rank", torch.stack([effective_rank(h[k], dtype)
                                        for k in range(1, n_loops + 1)]))
     add("participation_ratio",
@@ -331,6 +328,33 @@ def _state_rows(h: Tensor, n_loops: int, add: Callable[[str, Tensor], None],
     cka = cka_matrix(h, dtype=dtype)
     for i in range(1, n_loops + 1):
         rows.extend((i, f"cka@{j}", float(cka[i, j])) for j in range(1, n_loops + 1))
+
+
+def _step_metrics(h: Tensor) -> dict[str, Tensor]:
+    """``relative_residual``, ``cos_prev``, ``cos_total`` and ``period2_return_error`` of the
+    trajectory ``h`` (K+1, B, T, D), in this order, from one pass: the updates D_k, their norms and
+    the norms of the states are computed once and shared (the four functions above each recompute
+    them, and ``update_coherence`` takes the norm of h_K - h_0 once per loop). Every value is the
+    same reduction of the same numbers as in those functions, so the results are bit-identical
+    (tests/experiments/test_diagnostics_shared.py)."""
+    flat = h.flatten(start_dim=-2)  # (K+1, B, T*D)
+    updates = flat[1:] - flat[:-1]  # (K, B, T*D)
+    update_norm = updates.norm(dim=-1)  # (K, B)
+    state_norm = flat[1:].norm(dim=-1)  # (K, B): ||h_k||, k = 1..K
+    n_loops = updates.shape[0]
+    residual = (update_norm / state_norm.clamp(min=EPS)).mean(dim=1)
+    cos_prev = torch.full((n_loops,), math.nan, dtype=h.dtype, device=h.device)
+    period2 = torch.full((n_loops,), math.nan, dtype=h.dtype, device=h.device)
+    if n_loops > 1:
+        dots = (updates[1:] * updates[:-1]).sum(-1)
+        cos_prev[1:] = (dots / (update_norm[1:] * update_norm[:-1]).clamp(min=EPS)).mean(dim=1)
+        back = (flat[2:] - flat[:-2]).norm(dim=-1)  # (K-1, B)
+        period2[1:] = (back / state_norm[1:].clamp(min=EPS)).mean(dim=1)
+    total = flat[-1] - flat[0]  # (B, T*D)
+    dots = (updates * total).sum(-1)
+    cos_total = (dots / (update_norm * total.norm(dim=-1)).clamp(min=EPS)).mean(dim=1)
+    return {"relative_residual": residual, "cos_prev": cos_prev, "cos_total": cos_total,
+            "period2_return_error": period2}
 
 
 def _correct(score_fn: Callable[[Tensor, Tensor], Any] | None, logits: Tensor,
