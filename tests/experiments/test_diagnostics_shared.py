@@ -37,3 +37,20 @@ def test_shared_step_metrics_equal_the_public_functions(name, dtype):
         assert got[metric].dtype == values.dtype
         assert torch.equal(got[metric].nan_to_num(-7.0), values.nan_to_num(-7.0)), metric
         assert got[metric].isnan().sum() == values.isnan().sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finite_per_sample_equals_elementwise_isfinite(dtype):
+    from experiments.evaluate.diagnostics import finite_per_sample
+
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(9, 12, 5, 7, generator=gen).to(dtype)
+    h[3, 1, 2, 4] = float("nan")
+    h[0, 4, 0, 0] = float("inf")
+    h[8, 6, 4, 6] = -float("inf")
+    h[2, 7, 1, 1] = torch.finfo(dtype).max  # huge but finite: still finite
+    h[5, 9] = float("nan")  # a whole state
+    want = torch.isfinite(h).flatten(start_dim=2).all(dim=2).all(dim=0)
+    got = finite_per_sample(h)
+    assert torch.equal(got, want)
+    assert (~want).nonzero().flatten().tolist() == [1, 4, 6, 9]
