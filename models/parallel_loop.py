@@ -134,14 +134,16 @@ class ParallelLoop(TransformerLoop):
     def _gated_mixer(self, ctx: LoopContext, k: int, layer: int, pack: TokenPack | None) -> Mixer:
         gate = self.gates[layer] if self.gates is not None else None
         seq = ctx.tokens.shape[1]
+        # a window at least as long as the sequence is the causal mask itself: then the fused
+        # kernel's is_causal path (bit-identical, and cheaper than an explicit mask) is used
+        band = self.window_mask[:seq, :seq] if seq > self.config.window else None
 
         def gated(q: Tensor, keys: Tensor, values: Tensor, h: Tensor) -> Tensor:
             k1, v1 = ctx.cache[f"plt_k.{layer}"], ctx.cache[f"plt_v.{layer}"]
             o_glob = self._attend(ctx, k, layer, "global", q, k1, v1, pack)
             keys, values = self._own_kv(ctx, layer, pack, keys, values)
             o_loc = self._attend(ctx, k, layer, "local", q, keys, values, pack,
-                                 window_mask=self.window_mask[:seq, :seq],
-                                 window=self.config.window)
+                                 window_mask=band, window=self.config.window)
             g = gate(q, h) if gate is not None else 0.5
             return g * o_glob + (1 - g) * o_loc
 

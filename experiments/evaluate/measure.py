@@ -134,7 +134,9 @@ def spectral(model: Any, traj: Trajectory, samples: int, iters: int) -> Tensor:
 
 def finite_samples(traj: Trajectory) -> Tensor:
     """(B,) bool: the sample's whole trajectory stayed finite."""
-    return torch.isfinite(traj.states).flatten(start_dim=2).all(dim=2).all(dim=0).cpu()
+    from experiments.evaluate.diagnostics import finite_per_sample
+
+    return finite_per_sample(traj.states).cpu()
 
 
 @torch.no_grad()
