@@ -1,3 +1,4 @@
+# ruff: noqa  (exploration script, not part of the package)
 import torch, sys
 torch.set_num_threads(1)
 from experiments.tasks import build_task

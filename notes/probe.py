@@ -1,3 +1,4 @@
+# ruff: noqa  (exploration script, not part of the package)
 """Probe: train one model on parity_vector and read per-step accuracy, expected/sampled depth.
 
 usage: python notes/probe.py '{"objective": "pondernet", "loops": 4, "steps": 500, ...}'
