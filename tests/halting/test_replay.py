@@ -53,7 +53,14 @@ def _assert_identical(ran, replayed):
     assert set(ran.trace) == set(replayed.trace)
     for key in ran.trace:
         assert _same(ran.trace[key].float(), replayed.trace[key].float()), key
-    assert _same(ran.states, replayed.states)
+    # the run computes later loops on a compacted batch; on some CPUs a matmul over fewer rows
+    # rounds differently (3.7e-9 seen on parallel_loop), so recorded states agree to rounding
+    # while every decision (depth, executed, FLOPs) above is exact
+    assert _same(ran.states, replayed.states) or (
+        ran.states.shape == replayed.states.shape
+        and torch.equal(ran.states.isnan(), replayed.states.isnan())
+        and torch.allclose(ran.states.nan_to_num(0.0), replayed.states.nan_to_num(0.0),
+                           rtol=1e-5, atol=1e-6))
     assert _same(ran.step_logits, replayed.step_logits)
 
 
